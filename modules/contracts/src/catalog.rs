@@ -1,0 +1,77 @@
+//! Events published by the catalog module.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::{Event, Money};
+
+pub const EVENT_NAMES: &[&str] = &[
+    ProductListed::NAME,
+    ProductDetailsChanged::NAME,
+    PriceChanged::NAME,
+    StockChanged::NAME,
+    ProductDelisted::NAME,
+];
+
+/// A seller listed a new product.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProductListed {
+    pub product_id: Uuid,
+    pub seller_id: String,
+    pub sku: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub price: Money,
+    pub available: i64,
+}
+
+impl Event for ProductListed {
+    const NAME: &'static str = "catalog.product_listed.v1";
+}
+
+/// A product's name or description changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProductDetailsChanged {
+    pub product_id: Uuid,
+    pub name: String,
+    pub description: Option<String>,
+}
+
+impl Event for ProductDetailsChanged {
+    const NAME: &'static str = "catalog.product_details_changed.v1";
+}
+
+/// A product's price changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PriceChanged {
+    pub product_id: Uuid,
+    pub old_price: Money,
+    pub price: Money,
+}
+
+impl Event for PriceChanged {
+    const NAME: &'static str = "catalog.price_changed.v1";
+}
+
+/// A product's stock changed (restocked, counted, reserved or released).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StockChanged {
+    pub product_id: Uuid,
+    pub on_hand: i64,
+    pub reserved: i64,
+    pub available: i64,
+}
+
+impl Event for StockChanged {
+    const NAME: &'static str = "catalog.stock_changed.v1";
+}
+
+/// A product was withdrawn from sale; it can no longer be ordered.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProductDelisted {
+    pub product_id: Uuid,
+}
+
+impl Event for ProductDelisted {
+    const NAME: &'static str = "catalog.product_delisted.v1";
+}

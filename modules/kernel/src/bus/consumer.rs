@@ -1,0 +1,442 @@
+//! The consumer engine: pulls events from a subscription and hands them to the
+//! module's handler, one transaction per batch, with per-key ordering, retries
+//! with backoff and dead letters. The same for every transport.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{NaiveDateTime, Utc};
+use diesel::prelude::*;
+use tokio::sync::watch;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::{BusError, Consumer, HandlerError, RetryPolicy, Subscription};
+use crate::db::{AnyConnection, Db, DbError, write_tx};
+use crate::envelope::Envelope;
+use crate::metrics::Metrics;
+use crate::schema::{colony_dead_letters, colony_deferred, colony_inbox};
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PassReport {
+    pub pulled: usize,
+    pub handled: usize,
+    pub duplicates: usize,
+    pub queued_behind: usize,
+    pub retried: usize,
+    pub parked: usize,
+    /// When the earliest deferred event is due, if any.
+    pub next_due: Option<NaiveDateTime>,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = colony_deferred)]
+struct DeferredRow {
+    consumer: String,
+    event_id: String,
+    source: String,
+    sequence: i64,
+    aggregate_id: String,
+    envelope: String,
+    attempts: i32,
+    next_attempt_at: NaiveDateTime,
+    last_error: Option<String>,
+}
+
+/// Runs one consumer of one source.
+pub struct ConsumerEngine {
+    consumer: Consumer,
+    db: Db,
+    policy: RetryPolicy,
+    metrics: Arc<Metrics>,
+}
+
+enum Outcome {
+    Handled,
+    Failed(HandlerError),
+}
+
+impl ConsumerEngine {
+    /// `db` is the consuming module's database, where inbox, retries and dead letters live.
+    pub fn new(consumer: Consumer, db: Db, policy: RetryPolicy, metrics: Arc<Metrics>) -> Self {
+        Self {
+            consumer,
+            db,
+            policy,
+            metrics,
+        }
+    }
+
+    pub fn consumer(&self) -> &Consumer {
+        &self.consumer
+    }
+
+    /// Handles what is due: retries first, then new events, in one transaction.
+    pub fn pass(
+        &self,
+        conn: &mut AnyConnection,
+        sub: &mut dyn Subscription,
+        now: NaiveDateTime,
+    ) -> Result<PassReport, BusError> {
+        let report = write_tx(conn, |conn| {
+            let mut report = PassReport::default();
+            // Pull first: it claims this consumer's turn before anything else is read.
+            let events = sub.pull(conn, self.policy.batch_size)?;
+            report.pulled = events.len();
+            self.run_deferred(conn, now, &mut report)?;
+            let mut blocked = self.blocked_keys(conn)?;
+            let seen = self.already_seen(conn, &events)?;
+            for event in &events {
+                if seen.contains(&event.event_id.to_string()) {
+                    report.duplicates += 1;
+                    continue;
+                }
+                if blocked.contains(&event.aggregate_id) {
+                    // An earlier event of this key is waiting for a retry: keep the order.
+                    self.defer(conn, event, 0, now, None)?;
+                    report.queued_behind += 1;
+                    continue;
+                }
+                match self.attempt(conn, event) {
+                    Outcome::Handled => report.handled += 1,
+                    Outcome::Failed(HandlerError::Retry(error)) if self.policy.max_attempts > 1 => {
+                        let due = now + self.backoff(1);
+                        self.defer(conn, event, 1, due, Some(&error))?;
+                        blocked.insert(event.aggregate_id.clone());
+                        report.retried += 1;
+                    }
+                    Outcome::Failed(
+                        HandlerError::Retry(error) | HandlerError::Permanent(error),
+                    ) => {
+                        self.park(conn, event, 1, &error, now)?;
+                        report.parked += 1;
+                    }
+                }
+            }
+            if let Some(last) = events.last() {
+                sub.advance(conn, last)?;
+            }
+            report.next_due = colony_deferred::table
+                .filter(colony_deferred::consumer.eq(self.consumer.name))
+                .filter(colony_deferred::source.eq(self.consumer.source))
+                .select(diesel::dsl::min(colony_deferred::next_attempt_at))
+                .first::<Option<NaiveDateTime>>(conn)?;
+            Ok::<_, BusError>(report)
+        })?;
+        self.record(&report);
+        Ok(report)
+    }
+
+    fn backoff(&self, attempts: i32) -> chrono::Duration {
+        chrono::Duration::from_std(self.policy.backoff(attempts))
+            .unwrap_or_else(|_| chrono::Duration::seconds(60))
+    }
+
+    /// Handles one event in a savepoint: its writes and its inbox record commit
+    /// together or are undone together.
+    fn attempt(&self, conn: &mut AnyConnection, event: &Envelope) -> Outcome {
+        let trace = event.trace();
+        let span = tracing::info_span!(
+            "event.handle",
+            consumer = self.consumer.name,
+            event.name = %event.name,
+            event.id = %event.event_id,
+            event.aggregate_id = %event.aggregate_id,
+            correlation_id = %event.correlation_id,
+            trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
+            parent_span_id = trace.map(|t| t.span_id_hex()).unwrap_or_default(),
+        );
+        let _entered = span.enter();
+        let result = conn.transaction::<_, HandlerError, _>(|conn| {
+            self.consumer.handler.handle(conn, event)?;
+            diesel::insert_into(colony_inbox::table)
+                .values((
+                    colony_inbox::consumer.eq(self.consumer.name),
+                    colony_inbox::event_id.eq(event.event_id.to_string()),
+                    colony_inbox::handled_at.eq(Utc::now().naive_utc()),
+                ))
+                .execute(conn)?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => Outcome::Handled,
+            Err(e) => {
+                tracing::warn!(error = %e, "event handler failed");
+                Outcome::Failed(e)
+            }
+        }
+    }
+
+    /// Retries that are due, key by key, oldest first; a key stops at its first
+    /// event that is not due or fails again.
+    fn run_deferred(
+        &self,
+        conn: &mut AnyConnection,
+        now: NaiveDateTime,
+        report: &mut PassReport,
+    ) -> Result<(), BusError> {
+        let rows: Vec<DeferredRow> = colony_deferred::table
+            .filter(colony_deferred::consumer.eq(self.consumer.name))
+            .filter(colony_deferred::source.eq(self.consumer.source))
+            .order((
+                colony_deferred::aggregate_id.asc(),
+                colony_deferred::sequence.asc(),
+            ))
+            .limit(i64::try_from(self.policy.batch_size.max(1) * 4).unwrap_or(1024))
+            .select(DeferredRow::as_select())
+            .load(conn)?;
+        let mut stopped: Option<&str> = None;
+        for row in &rows {
+            if stopped == Some(row.aggregate_id.as_str()) {
+                continue;
+            }
+            if row.next_attempt_at > now {
+                stopped = Some(&row.aggregate_id);
+                continue;
+            }
+            let event: Envelope = serde_json::from_str(&row.envelope)
+                .map_err(|e| BusError::Corrupt(format!("deferred {}: {e}", row.event_id)))?;
+            let attempts = row.attempts + 1;
+            let key = colony_deferred::table.find((self.consumer.name, row.event_id.as_str()));
+            match self.attempt(conn, &event) {
+                Outcome::Handled => {
+                    diesel::delete(key).execute(conn)?;
+                    report.handled += 1;
+                }
+                Outcome::Failed(HandlerError::Retry(error))
+                    if attempts < self.policy.max_attempts =>
+                {
+                    diesel::update(key)
+                        .set((
+                            colony_deferred::attempts.eq(attempts),
+                            colony_deferred::next_attempt_at.eq(now + self.backoff(attempts)),
+                            colony_deferred::last_error.eq(Some(error)),
+                        ))
+                        .execute(conn)?;
+                    report.retried += 1;
+                    stopped = Some(&row.aggregate_id);
+                }
+                Outcome::Failed(HandlerError::Retry(error) | HandlerError::Permanent(error)) => {
+                    self.park(conn, &event, attempts, &error, now)?;
+                    diesel::delete(key).execute(conn)?;
+                    report.parked += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn blocked_keys(&self, conn: &mut AnyConnection) -> Result<HashSet<String>, BusError> {
+        Ok(colony_deferred::table
+            .filter(colony_deferred::consumer.eq(self.consumer.name))
+            .filter(colony_deferred::source.eq(self.consumer.source))
+            .select(colony_deferred::aggregate_id)
+            .distinct()
+            .load::<String>(conn)?
+            .into_iter()
+            .collect())
+    }
+
+    /// Ids among `events` this consumer has handled, queued or parked already: a
+    /// redelivery must have no second effect.
+    fn already_seen(
+        &self,
+        conn: &mut AnyConnection,
+        events: &[Envelope],
+    ) -> Result<HashSet<String>, BusError> {
+        if events.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+        let mut seen: HashSet<String> = colony_inbox::table
+            .filter(colony_inbox::consumer.eq(self.consumer.name))
+            .filter(colony_inbox::event_id.eq_any(&ids))
+            .select(colony_inbox::event_id)
+            .load::<String>(conn)?
+            .into_iter()
+            .collect();
+        seen.extend(
+            colony_deferred::table
+                .filter(colony_deferred::consumer.eq(self.consumer.name))
+                .filter(colony_deferred::event_id.eq_any(&ids))
+                .select(colony_deferred::event_id)
+                .load::<String>(conn)?,
+        );
+        seen.extend(
+            colony_dead_letters::table
+                .filter(colony_dead_letters::consumer.eq(self.consumer.name))
+                .filter(colony_dead_letters::event_id.eq_any(&ids))
+                .select(colony_dead_letters::event_id)
+                .load::<String>(conn)?,
+        );
+        Ok(seen)
+    }
+
+    fn defer(
+        &self,
+        conn: &mut AnyConnection,
+        event: &Envelope,
+        attempts: i32,
+        due: NaiveDateTime,
+        error: Option<&str>,
+    ) -> Result<(), BusError> {
+        diesel::insert_into(colony_deferred::table)
+            .values(DeferredRow {
+                consumer: self.consumer.name.to_string(),
+                event_id: event.event_id.to_string(),
+                source: event.source.clone(),
+                sequence: event.sequence,
+                aggregate_id: event.aggregate_id.clone(),
+                envelope: encode(event)?,
+                attempts,
+                next_attempt_at: due,
+                last_error: error.map(str::to_string),
+            })
+            .execute(conn)?;
+        Ok(())
+    }
+
+    fn park(
+        &self,
+        conn: &mut AnyConnection,
+        event: &Envelope,
+        attempts: i32,
+        error: &str,
+        now: NaiveDateTime,
+    ) -> Result<(), BusError> {
+        tracing::error!(
+            consumer = self.consumer.name,
+            event.name = %event.name,
+            event.id = %event.event_id,
+            attempts,
+            error,
+            "event parked as a dead letter"
+        );
+        diesel::insert_into(colony_dead_letters::table)
+            .values((
+                colony_dead_letters::id.eq(Uuid::now_v7().to_string()),
+                colony_dead_letters::consumer.eq(self.consumer.name),
+                colony_dead_letters::event_id.eq(event.event_id.to_string()),
+                colony_dead_letters::source.eq(&event.source),
+                colony_dead_letters::name.eq(&event.name),
+                colony_dead_letters::sequence.eq(event.sequence),
+                colony_dead_letters::aggregate_id.eq(&event.aggregate_id),
+                colony_dead_letters::envelope.eq(encode(event)?),
+                colony_dead_letters::error.eq(error),
+                colony_dead_letters::attempts.eq(attempts),
+                colony_dead_letters::parked_at.eq(now),
+            ))
+            .execute(conn)?;
+        Ok(())
+    }
+
+    fn record(&self, report: &PassReport) {
+        let labels = [
+            ("consumer", self.consumer.name),
+            ("source", self.consumer.source),
+        ];
+        let m = &self.metrics;
+        m.inc(
+            "colony_events_handled_total",
+            &labels,
+            report.handled as u64,
+        );
+        m.inc(
+            "colony_events_retried_total",
+            &labels,
+            report.retried as u64,
+        );
+        m.inc("colony_events_parked_total", &labels, report.parked as u64);
+        m.inc(
+            "colony_events_duplicate_total",
+            &labels,
+            report.duplicates as u64,
+        );
+    }
+
+    /// Runs passes until `shutdown` turns true; a pass in progress is finished first.
+    pub async fn run(self, mut sub: Box<dyn Subscription>, mut shutdown: watch::Receiver<bool>) {
+        let engine = Arc::new(self);
+        let mut nudges = engine.db.nudges();
+        let span = tracing::info_span!(
+            "consumer",
+            consumer = engine.consumer.name,
+            source = engine.consumer.source
+        );
+        async move {
+            let mut failures: u32 = 0;
+            while !*shutdown.borrow() {
+                let Some((returned, result)) = engine.clone().pass_blocking(sub).await else {
+                    break;
+                };
+                sub = returned;
+                sub.settle(result.is_ok()).await;
+                let wait = match &result {
+                    Ok(report) => {
+                        failures = 0;
+                        engine.idle_time(report)
+                    }
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        tracing::warn!(error = %e, failures, "consumer pass failed");
+                        let secs = 2u64.saturating_pow(failures.min(5)).min(30);
+                        Duration::from_millis(250).max(Duration::from_secs(secs) / 4)
+                    }
+                };
+                if wait.is_zero() {
+                    continue;
+                }
+                tokio::select! {
+                    () = sub.wait(wait) => {}
+                    _ = nudges.changed() => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+            tracing::debug!("consumer stopped");
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// How long to sleep after a pass: not at all while batches come full.
+    fn idle_time(&self, report: &PassReport) -> Duration {
+        if report.pulled >= self.policy.batch_size {
+            return Duration::ZERO;
+        }
+        let poll = self.policy.poll_interval;
+        match report.next_due {
+            Some(due) => {
+                let until = (due - Utc::now().naive_utc())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO);
+                until.min(poll).max(Duration::from_millis(1))
+            }
+            None => poll,
+        }
+    }
+
+    /// Runs a pass on the blocking pool; `None` when the runtime is shutting down.
+    async fn pass_blocking(
+        self: Arc<Self>,
+        mut sub: Box<dyn Subscription>,
+    ) -> Option<(Box<dyn Subscription>, Result<PassReport, BusError>)> {
+        let handle = tokio::task::spawn_blocking(move || {
+            let run = std::panic::AssertUnwindSafe(|| {
+                let mut conn = self.db.pool().get().map_err(DbError::from)?;
+                self.pass(&mut conn, sub.as_mut(), Utc::now().naive_utc())
+            });
+            // A panicking handler must not take the consumer down: the transaction
+            // was rolled back with the connection, and the batch comes again.
+            let result = std::panic::catch_unwind(run)
+                .unwrap_or_else(|_| Err(BusError::Transport("event handler panicked".into())));
+            (sub, result)
+        });
+        handle.await.ok()
+    }
+}
+
+fn encode(event: &Envelope) -> Result<String, BusError> {
+    serde_json::to_string(event).map_err(|e| BusError::Corrupt(e.to_string()))
+}

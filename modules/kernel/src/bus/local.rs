@@ -1,0 +1,129 @@
+//! The in-process transport: the producer's outbox is the durable log and each
+//! consumer keeps its position in its own database, advanced in the same
+//! transaction as its handling. Consumers wake when the producer commits.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use diesel::prelude::*;
+use tokio::sync::watch;
+
+use super::{BoxFuture, BusError, Subscription, Transport};
+use crate::db::{AnyConnection, Db, DbError};
+use crate::envelope::Envelope;
+use crate::outbox;
+use crate::schema::colony_consumer_positions as positions;
+
+/// Reads the outboxes of the modules that run in this process.
+#[derive(Default, Clone)]
+pub struct LocalTransport {
+    sources: HashMap<&'static str, Db>,
+}
+
+impl LocalTransport {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes the events of the module behind `db` available to subscribers.
+    pub fn add_source(&mut self, db: Db) {
+        self.sources.insert(db.module(), db);
+    }
+}
+
+impl Transport for LocalTransport {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn subscribe(&self, consumer: &str, source: &str) -> Result<Box<dyn Subscription>, BusError> {
+        let db = self.sources.get(source).ok_or_else(|| {
+            BusError::Transport(format!(
+                "{consumer} consumes events of {source}, which does not run in this process; \
+                 run both here or use bus.transport = \"nats\""
+            ))
+        })?;
+        Ok(Box::new(LocalSubscription {
+            consumer: consumer.to_string(),
+            source: db.clone(),
+            commits: db.commits(),
+        }))
+    }
+
+    fn is_up(&self) -> bool {
+        true
+    }
+}
+
+struct LocalSubscription {
+    consumer: String,
+    source: Db,
+    commits: watch::Receiver<u64>,
+}
+
+impl LocalSubscription {
+    /// Takes the row lock on this consumer's position (creating it at 0) and reads it.
+    fn lock_position(&self, conn: &mut AnyConnection) -> Result<i64, BusError> {
+        let key = positions::table.find((self.consumer.as_str(), self.source.module()));
+        let now = Utc::now().naive_utc();
+        let touched = diesel::update(key)
+            .set(positions::updated_at.eq(now))
+            .execute(conn)?;
+        if touched == 0 {
+            diesel::insert_into(positions::table)
+                .values((
+                    positions::consumer.eq(&self.consumer),
+                    positions::source.eq(self.source.module()),
+                    positions::position.eq(0_i64),
+                    positions::updated_at.eq(now),
+                ))
+                .execute(conn)?;
+        }
+        Ok(key.select(positions::position).first(conn)?)
+    }
+}
+
+impl Subscription for LocalSubscription {
+    fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = tokio::time::timeout(timeout, self.commits.changed()).await;
+        })
+    }
+
+    fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError> {
+        let after = self.lock_position(conn)?;
+        let mut source_conn = self.source.pool().get().map_err(DbError::from)?;
+        let limit = i64::try_from(max).unwrap_or(i64::MAX);
+        outbox::read_after(&mut source_conn, self.source.module(), after, limit)?
+            .into_iter()
+            .map(|e| e.map_err(BusError::Corrupt))
+            .collect()
+    }
+
+    fn advance(&mut self, conn: &mut AnyConnection, last: &Envelope) -> Result<(), BusError> {
+        diesel::update(positions::table.find((self.consumer.as_str(), self.source.module())))
+            .set((
+                positions::position.eq(last.sequence),
+                positions::updated_at.eq(Utc::now().naive_utc()),
+            ))
+            .execute(conn)?;
+        Ok(())
+    }
+
+    fn settle(&mut self, _committed: bool) -> BoxFuture<'_, ()> {
+        // The position moved (or not) with the consumer's own commit.
+        Box::pin(async {})
+    }
+
+    fn lag(&mut self, conn: &mut AnyConnection) -> Result<Option<i64>, BusError> {
+        let position: Option<i64> = positions::table
+            .find((self.consumer.as_str(), self.source.module()))
+            .select(positions::position)
+            .first(conn)
+            .optional()?;
+        let mut source_conn = self.source.pool().get().map_err(DbError::from)?;
+        let head = outbox::last_sequence(&mut source_conn)?;
+        Ok(Some(head - position.unwrap_or(0)))
+    }
+}

@@ -1,0 +1,142 @@
+//! The event bus: outbox → transport → consumer, at least once on the wire and
+//! exactly once in effect (each consumer records handled events in its inbox in the
+//! same transaction as its state change).
+//!
+//! A transport moves events from a source module's outbox to a consumer; the
+//! consumer engine (`consumer.rs`) is the same whichever transport runs.
+
+mod consumer;
+pub mod dead_letters;
+mod local;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use consumer::{ConsumerEngine, PassReport};
+pub use local::LocalTransport;
+
+use crate::db::{AnyConnection, DbError};
+use crate::envelope::Envelope;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How a handler's attempt ended when it did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// Transient: try again later, with backoff, up to the retry limit.
+    #[error("retry: {0}")]
+    Retry(String),
+    /// Will never succeed: park the event as a dead letter at once.
+    #[error("permanent: {0}")]
+    Permanent(String),
+}
+
+impl From<diesel::result::Error> for HandlerError {
+    fn from(e: diesel::result::Error) -> Self {
+        Self::Retry(format!("database: {e}"))
+    }
+}
+
+impl From<serde_json::Error> for HandlerError {
+    fn from(e: serde_json::Error) -> Self {
+        Self::Permanent(format!("undecodable payload: {e}"))
+    }
+}
+
+/// Reacts to events. Runs inside the consumer's transaction: every write it makes
+/// on `conn` commits together with the inbox record, or not at all.
+pub trait EventHandler: Send + Sync + 'static {
+    fn handle(&self, conn: &mut AnyConnection, event: &Envelope) -> Result<(), HandlerError>;
+}
+
+/// One module's subscription to the events of one source module.
+#[derive(Clone)]
+pub struct Consumer {
+    /// The consuming module.
+    pub name: &'static str,
+    /// The module whose events it reads.
+    pub source: &'static str,
+    pub handler: Arc<dyn EventHandler>,
+}
+
+/// Retry and batching rules of consumers.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts before an event is parked (including the first).
+    pub max_attempts: i32,
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+    /// Events pulled and handled per transaction.
+    pub batch_size: usize,
+    /// Fallback poll when no commit signal arrives (other replicas, a crash).
+    pub poll_interval: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 8,
+            base_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(60),
+            batch_size: 256,
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Delay before attempt `attempts + 1`: exponential, capped, with "equal jitter"
+    /// (half fixed, half random) so delays grow but replicas do not retry in lockstep.
+    pub fn backoff(&self, attempts: i32) -> Duration {
+        let exp = u32::try_from(attempts.saturating_sub(1).clamp(0, 30)).unwrap_or(0);
+        let full = self
+            .base_delay
+            .saturating_mul(2u32.saturating_pow(exp))
+            .min(self.max_delay);
+        let half = full / 2;
+        let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+        half + Duration::from_millis(rand::random_range(0..=jitter_ms))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Query(#[from] diesel::result::Error),
+    #[error("transport: {0}")]
+    Transport(String),
+    #[error("corrupt event: {0}")]
+    Corrupt(String),
+}
+
+/// A consumer's durable subscription to one source, as a transport provides it.
+///
+/// Shaped after JetStream's pull consumers: the position is durable per consumer,
+/// events after it are pulled in order, and they count as delivered only once the
+/// consumer's transaction has committed (`settle(true)`); otherwise they come again.
+pub trait Subscription: Send + 'static {
+    /// Waits until new events may be available, or `timeout` passes.
+    fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, ()>;
+    /// Inside the consumer's transaction: claims this consumer's turn on the source
+    /// (replicas take turns) and returns up to `max` events after its position.
+    fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError>;
+    /// Inside the same transaction: everything through `last` is dealt with.
+    fn advance(&mut self, conn: &mut AnyConnection, last: &Envelope) -> Result<(), BusError>;
+    /// After the transaction ended: acknowledge (committed) or let them come again.
+    fn settle(&mut self, committed: bool) -> BoxFuture<'_, ()>;
+    /// Events of the source this consumer has not yet reached, if the transport knows.
+    fn lag(&mut self, conn: &mut AnyConnection) -> Result<Option<i64>, BusError>;
+}
+
+/// Carries events from producers to consumers.
+pub trait Transport: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Opens or resumes the durable subscription of `consumer` to `source`.
+    fn subscribe(&self, consumer: &str, source: &str) -> Result<Box<dyn Subscription>, BusError>;
+    /// Whether the transport can carry events right now.
+    fn is_up(&self) -> bool;
+}

@@ -1,0 +1,531 @@
+//! Database access shared by every module: one connection type for SQLite and
+//! PostgreSQL, pools that connect each module to its own file or schema, and the
+//! write transaction every state change goes through.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::r2d2::{self, ManageConnection, Pool, PooledConnection};
+use diesel::{Connection, PgConnection, SqliteConnection};
+use tokio::sync::watch;
+
+/// One connection type for both backends; queries written once run on either.
+#[derive(diesel::MultiConnection)]
+pub enum AnyConnection {
+    Postgresql(PgConnection),
+    Sqlite(SqliteConnection),
+}
+
+/// Which database engine a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    /// Picks the backend from the URL scheme (`sqlite://` or `postgres://`).
+    pub fn of_url(url: &str) -> Result<Self, DbError> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else {
+            Err(DbError::Config(format!(
+                "database url must start with sqlite:// or postgres://, got {:?}",
+                redact(url)
+            )))
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database configuration: {0}")]
+    Config(String),
+    #[error("could not connect to the database: {0}")]
+    Connect(String),
+    #[error("database pool: {0}")]
+    Pool(#[from] r2d2::PoolError),
+    #[error(transparent)]
+    Query(#[from] diesel::result::Error),
+    #[error("migration failed: {0}")]
+    Migration(String),
+    #[error("background task failed: {0}")]
+    Join(String),
+}
+
+/// Where one module's data lives, resolved from configuration.
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// A SQLite file of its own.
+    SqliteFile(PathBuf),
+    /// A PostgreSQL schema named after the module, reached through `admin_url` for
+    /// provisioning and through the module's own role for everything else.
+    PostgresSchema { admin_url: String, schema: String },
+}
+
+impl Location {
+    /// Resolves `url` (`sqlite://DIR`, `sqlite://FILE.db` or `postgres://…`) for `module`.
+    pub fn resolve(url: &str, module: &str) -> Result<Self, DbError> {
+        match Backend::of_url(url)? {
+            Backend::Sqlite => {
+                let rest = url.trim_start_matches("sqlite:");
+                let rest = rest.strip_prefix("//").unwrap_or(rest);
+                if rest.is_empty() {
+                    return Err(DbError::Config("sqlite url names no path".into()));
+                }
+                let path = PathBuf::from(rest);
+                let is_file = path
+                    .extension()
+                    .is_some_and(|e| e == "db" || e == "sqlite" || e == "sqlite3");
+                Ok(Self::SqliteFile(if is_file {
+                    path
+                } else {
+                    path.join(format!("{module}.db"))
+                }))
+            }
+            Backend::Postgres => Ok(Self::PostgresSchema {
+                admin_url: url.to_string(),
+                schema: module.to_string(),
+            }),
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Self::SqliteFile(_) => Backend::Sqlite,
+            Self::PostgresSchema { .. } => Backend::Postgres,
+        }
+    }
+}
+
+/// Tuning of the pools.
+#[derive(Debug, Clone)]
+pub struct PoolOptions {
+    pub max_size: u32,
+    pub connect_timeout: Duration,
+    /// `PRAGMA synchronous` for SQLite: `NORMAL` (default) or `FULL`.
+    pub sqlite_synchronous: String,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            max_size: 8,
+            connect_timeout: Duration::from_secs(5),
+            sqlite_synchronous: "NORMAL".into(),
+        }
+    }
+}
+
+/// Opens connections for one module: a SQLite file with WAL, or a PostgreSQL
+/// session as the module's role with `search_path` set to its schema.
+#[derive(Debug, Clone)]
+pub struct ModuleConnector {
+    target: Target,
+}
+
+#[derive(Debug, Clone)]
+enum Target {
+    Sqlite { path: String, setup: String },
+    Postgres { url: String, setup: String },
+}
+
+impl ModuleConnector {
+    pub fn connect(&self) -> Result<AnyConnection, DbError> {
+        match &self.target {
+            Target::Sqlite { path, setup } => {
+                let mut conn = SqliteConnection::establish(path)
+                    .map_err(|e| DbError::Connect(format!("{path}: {e}")))?;
+                conn.batch_execute(setup)?;
+                Ok(AnyConnection::Sqlite(conn))
+            }
+            Target::Postgres { url, setup } => {
+                let mut conn = PgConnection::establish(url)
+                    .map_err(|e| DbError::Connect(format!("{}: {e}", redact(url))))?;
+                conn.batch_execute(setup)?;
+                Ok(AnyConnection::Postgresql(conn))
+            }
+        }
+    }
+}
+
+impl ManageConnection for ModuleConnector {
+    type Connection = AnyConnection;
+    type Error = DbError;
+
+    fn connect(&self) -> Result<AnyConnection, DbError> {
+        ModuleConnector::connect(self)
+    }
+
+    fn is_valid(&self, conn: &mut AnyConnection) -> Result<(), DbError> {
+        conn.batch_execute("SELECT 1").map_err(DbError::from)
+    }
+
+    /// A connection handed back inside a transaction (a panic unwound through its
+    /// owner) is dropped rather than reused.
+    fn has_broken(&self, conn: &mut AnyConnection) -> bool {
+        match conn {
+            AnyConnection::Sqlite(c) => !outside_transaction(c),
+            AnyConnection::Postgresql(c) => !outside_transaction(c),
+        }
+    }
+}
+
+/// The PostgreSQL role that owns a module's schema.
+pub fn role_name(schema: &str) -> String {
+    format!("colony_{schema}")
+}
+
+/// Creates the module's role and schema if missing (idempotent, safe to race) and
+/// returns a connector that logs in as that role.
+pub fn prepare(location: &Location, options: &PoolOptions) -> Result<ModuleConnector, DbError> {
+    match location {
+        Location::SqliteFile(path) => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    DbError::Config(format!(
+                        "cannot create data directory {}: {e}",
+                        dir.display()
+                    ))
+                })?;
+            }
+            let sync = match options.sqlite_synchronous.to_ascii_uppercase().as_str() {
+                s @ ("NORMAL" | "FULL" | "EXTRA" | "OFF") => s.to_string(),
+                other => {
+                    return Err(DbError::Config(format!(
+                        "sqlite synchronous must be NORMAL or FULL, got {other:?}"
+                    )));
+                }
+            };
+            // busy_timeout first: switching to WAL needs the lock other connections may hold.
+            let setup = format!(
+                "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
+                 PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
+            );
+            Ok(ModuleConnector {
+                target: Target::Sqlite {
+                    path: path.to_string_lossy().into_owned(),
+                    setup,
+                },
+            })
+        }
+        Location::PostgresSchema { admin_url, schema } => {
+            check_identifier(schema)?;
+            let role = role_name(schema);
+            let password = derived_password(admin_url, &role);
+            let mut admin = PgConnection::establish(admin_url)
+                .map_err(|e| DbError::Connect(format!("{}: {e}", redact(admin_url))))?;
+            let password_clause = password
+                .as_deref()
+                .map(|p| format!(" PASSWORD '{p}'"))
+                .unwrap_or_default();
+            // Roles are cluster-wide and several databases (or replicas) may provision at
+            // once: tolerate losing the race.
+            admin.batch_execute(&format!(
+                "DO $$ BEGIN
+                   CREATE ROLE {role} LOGIN{password_clause};
+                 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+                 END $$;"
+            ))?;
+            if let Err(e) = admin.batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role};
+                 REVOKE ALL ON SCHEMA public FROM {role};"
+            )) {
+                // A concurrent CREATE SCHEMA of the same name can still collide.
+                if !e.to_string().contains("already exists") {
+                    return Err(e.into());
+                }
+            }
+            let url = with_credentials(admin_url, &role, password.as_deref())?;
+            Ok(ModuleConnector {
+                target: Target::Postgres {
+                    url,
+                    setup: format!(
+                        "SET search_path TO {schema}; SET idle_in_transaction_session_timeout = '60s';"
+                    ),
+                },
+            })
+        }
+    }
+}
+
+/// Builds the pool of one module.
+pub fn pool(connector: ModuleConnector, options: &PoolOptions) -> Result<DbPool, DbError> {
+    Pool::builder()
+        .max_size(options.max_size)
+        .min_idle(Some(1))
+        .connection_timeout(options.connect_timeout)
+        .build(connector)
+        .map_err(DbError::from)
+}
+
+pub type DbPool = Pool<ModuleConnector>;
+pub type PooledConn = PooledConnection<ModuleConnector>;
+
+/// A module's handle on its own database: the pool plus the signal that wakes
+/// event consumers when a transaction that wrote the outbox commits.
+#[derive(Clone)]
+pub struct Db {
+    module: &'static str,
+    backend: Backend,
+    pool: DbPool,
+    committed: watch::Sender<u64>,
+    nudged: watch::Sender<u64>,
+}
+
+impl Db {
+    pub fn new(module: &'static str, backend: Backend, pool: DbPool) -> Self {
+        Self {
+            module,
+            backend,
+            pool,
+            committed: watch::Sender::new(0),
+            nudged: watch::Sender::new(0),
+        }
+    }
+
+    pub fn module(&self) -> &'static str {
+        self.module
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub fn pool(&self) -> &DbPool {
+        &self.pool
+    }
+
+    /// A receiver that changes whenever a write transaction of this module commits.
+    pub fn commits(&self) -> watch::Receiver<u64> {
+        self.committed.subscribe()
+    }
+
+    /// Tells consumers that new outbox rows may be visible.
+    pub fn notify_committed(&self) {
+        self.committed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that changes when this module's own consumers have new work
+    /// (a dead letter replayed), as opposed to new events from a source.
+    pub fn nudges(&self) -> watch::Receiver<u64> {
+        self.nudged.subscribe()
+    }
+
+    pub fn nudge_consumers(&self) {
+        self.nudged.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Runs `f` in a write transaction on a pooled connection, off the async
+    /// runtime, and wakes this module's consumers once it has committed.
+    pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<DbError> + From<diesel::result::Error> + Send + 'static,
+        F: FnOnce(&mut AnyConnection) -> Result<T, E> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(DbError::from)?;
+            write_tx(&mut conn, f)
+        })
+        .await
+        .map_err(|e| DbError::Join(e.to_string()))?;
+        if result.is_ok() {
+            self.notify_committed();
+        }
+        result
+    }
+
+    /// Runs a read-only `f` on a pooled connection, off the async runtime.
+    pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+        F: FnOnce(&mut AnyConnection) -> Result<T, E> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get().map_err(DbError::from)?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| DbError::Join(e.to_string()))?
+    }
+}
+
+/// Runs `f` in a transaction that holds the write lock from its first statement.
+///
+/// On SQLite a deferred transaction that reads first and writes later fails with
+/// `SQLITE_BUSY` when another writer committed in between, so writes begin with
+/// `BEGIN IMMEDIATE`. Nested `conn.transaction` calls inside `f` become savepoints.
+pub fn write_tx<T, E, F>(conn: &mut AnyConnection, f: F) -> Result<T, E>
+where
+    E: From<diesel::result::Error>,
+    F: FnOnce(&mut AnyConnection) -> Result<T, E>,
+{
+    match conn {
+        AnyConnection::Sqlite(c) => {
+            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
+        }
+        AnyConnection::Postgresql(c) => AnsiTransactionManager::begin_transaction(c)?,
+    }
+    type Manager = <AnyConnection as Connection>::TransactionManager;
+    match f(conn) {
+        Ok(value) => match Manager::commit_transaction(conn) {
+            Ok(()) => Ok(value),
+            Err(commit_error) => {
+                // A failed commit may leave the transaction open; close it before
+                // handing the connection back to the pool.
+                let _ = Manager::rollback_transaction(conn);
+                Err(commit_error.into())
+            }
+        },
+        Err(e) => {
+            Manager::rollback_transaction(conn)?;
+            Err(e)
+        }
+    }
+}
+
+fn outside_transaction<C>(conn: &mut C) -> bool
+where
+    C: Connection<TransactionManager = AnsiTransactionManager>,
+{
+    matches!(
+        AnsiTransactionManager::transaction_manager_status_mut(conn).transaction_depth(),
+        Ok(None)
+    )
+}
+
+fn check_identifier(name: &str) -> Result<(), DbError> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(DbError::Config(format!(
+            "{name:?} is not a valid schema name"
+        )))
+    }
+}
+
+/// Parts of a `postgres://user:password@host/db?params` URL.
+struct PgUrl<'a> {
+    scheme: &'a str,
+    password: Option<&'a str>,
+    rest: &'a str,
+}
+
+fn parse_pg_url(url: &str) -> Result<PgUrl<'_>, DbError> {
+    let (scheme, after) = url
+        .split_once("://")
+        .ok_or_else(|| DbError::Config("postgres url lacks ://".into()))?;
+    let authority_end = after.find(['/', '?']).unwrap_or(after.len());
+    let (authority, _) = after.split_at(authority_end);
+    let (userinfo, rest) = match authority.rfind('@') {
+        Some(at) => (Some(&after[..at]), &after[at + 1..]),
+        None => (None, after),
+    };
+    let password = userinfo.and_then(|u| u.split_once(':')).map(|(_, p)| p);
+    Ok(PgUrl {
+        scheme,
+        password,
+        rest,
+    })
+}
+
+/// The admin URL with the module role's credentials in place of the admin's.
+fn with_credentials(
+    admin_url: &str,
+    role: &str,
+    password: Option<&str>,
+) -> Result<String, DbError> {
+    let url = parse_pg_url(admin_url)?;
+    Ok(match password {
+        Some(p) => format!("{}://{role}:{p}@{}", url.scheme, url.rest),
+        None => format!("{}://{role}@{}", url.scheme, url.rest),
+    })
+}
+
+/// A module role's password, derived from the admin password so that nothing has to
+/// be stored: whoever holds the admin credentials could reset it anyway. Without an
+/// admin password (trust or peer auth) the role gets none either.
+fn derived_password(admin_url: &str, role: &str) -> Option<String> {
+    use hmac::{Hmac, Mac};
+    let admin_password = parse_pg_url(admin_url).ok()?.password?;
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(admin_password.as_bytes()).ok()?;
+    mac.update(role.as_bytes());
+    let digest = mac.finalize().into_bytes();
+    Some(digest.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// The URL with any password replaced, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match parse_pg_url(url) {
+        Ok(PgUrl {
+            password: Some(p), ..
+        }) => url.replacen(&format!(":{p}@"), ":***@", 1),
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_directory_url_gives_one_file_per_module() {
+        let Location::SqliteFile(path) = Location::resolve("sqlite://data", "cart").unwrap() else {
+            panic!("expected a sqlite file");
+        };
+        assert_eq!(path, PathBuf::from("data/cart.db"));
+        let Location::SqliteFile(path) =
+            Location::resolve("sqlite:///var/lib/colony/shop.db", "cart").unwrap()
+        else {
+            panic!("expected a sqlite file");
+        };
+        assert_eq!(path, PathBuf::from("/var/lib/colony/shop.db"));
+    }
+
+    #[test]
+    fn unknown_scheme_is_a_config_error() {
+        assert!(matches!(
+            Location::resolve("mysql://x", "cart"),
+            Err(DbError::Config(_))
+        ));
+    }
+
+    #[test]
+    fn module_url_swaps_credentials_and_keeps_the_rest() {
+        let url = with_credentials(
+            "postgres://admin:s3cret@db:5432/shop?sslmode=disable",
+            "colony_cart",
+            Some("pw"),
+        )
+        .unwrap();
+        assert_eq!(
+            url,
+            "postgres://colony_cart:pw@db:5432/shop?sslmode=disable"
+        );
+        let url =
+            with_credentials("postgres://postgres@127.0.0.1/shop", "colony_cart", None).unwrap();
+        assert_eq!(url, "postgres://colony_cart@127.0.0.1/shop");
+        assert!(derived_password("postgres://postgres@127.0.0.1/shop", "colony_cart").is_none());
+        assert_eq!(redact("postgres://a:b@h/d"), "postgres://a:***@h/d");
+    }
+}

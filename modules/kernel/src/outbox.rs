@@ -1,0 +1,162 @@
+//! Publishing: an event is a row in the producer's outbox, written in the same
+//! transaction as the state change it reports.
+
+use chrono::Utc;
+use contracts::Event;
+use diesel::prelude::*;
+use uuid::Uuid;
+
+use crate::db::AnyConnection;
+use crate::envelope::Envelope;
+use crate::schema::{colony_outbox, colony_outbox_head};
+use crate::trace::TraceContext;
+
+/// Publishes events of one module on behalf of one request or one handled event.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    source: &'static str,
+    correlation_id: Uuid,
+    causation_id: Option<Uuid>,
+    trace: Option<TraceContext>,
+}
+
+impl Publisher {
+    /// For work started by a request (or a command): a new correlation unless given.
+    pub fn new(source: &'static str, correlation_id: Uuid, trace: Option<TraceContext>) -> Self {
+        Self {
+            source,
+            correlation_id,
+            causation_id: None,
+            trace,
+        }
+    }
+
+    /// For events published while handling `cause`: same correlation and trace.
+    pub fn caused_by(source: &'static str, cause: &Envelope) -> Self {
+        Self {
+            source,
+            correlation_id: cause.correlation_id,
+            causation_id: Some(cause.event_id),
+            trace: cause.trace().map(|t| t.child()),
+        }
+    }
+
+    /// Appends `event` about `aggregate_id` to the outbox on `conn`, which must be
+    /// inside the caller's write transaction.
+    ///
+    /// Taking the next sequence locks the outbox head until commit, so sequences
+    /// become visible in order and a consumer reading "after N" never skips a row.
+    pub fn publish<E: Event>(
+        &self,
+        conn: &mut AnyConnection,
+        aggregate_id: &str,
+        event: &E,
+    ) -> QueryResult<Envelope> {
+        debug_assert_eq!(
+            E::source(),
+            self.source,
+            "a module publishes only its own events"
+        );
+        let payload = serde_json::to_value(event)
+            .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+        diesel::update(colony_outbox_head::table.find(1))
+            .set(colony_outbox_head::last_sequence.eq(colony_outbox_head::last_sequence + 1))
+            .execute(conn)?;
+        let sequence: i64 = colony_outbox_head::table
+            .find(1)
+            .select(colony_outbox_head::last_sequence)
+            .first(conn)?;
+        let envelope = Envelope {
+            event_id: Uuid::now_v7(),
+            name: E::NAME.to_string(),
+            source: self.source.to_string(),
+            aggregate_id: aggregate_id.to_string(),
+            sequence,
+            occurred_at: Utc::now(),
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            traceparent: self.trace.map(|t| t.to_string()),
+            payload,
+        };
+        diesel::insert_into(colony_outbox::table)
+            .values(OutboxRow::from_envelope(&envelope))
+            .execute(conn)?;
+        Ok(envelope)
+    }
+}
+
+/// One outbox row.
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = colony_outbox)]
+pub struct OutboxRow {
+    pub sequence: i64,
+    pub event_id: String,
+    pub name: String,
+    pub aggregate_id: String,
+    pub occurred_at: chrono::NaiveDateTime,
+    pub correlation_id: String,
+    pub causation_id: Option<String>,
+    pub traceparent: Option<String>,
+    pub payload: String,
+    pub relayed_at: Option<chrono::NaiveDateTime>,
+}
+
+impl OutboxRow {
+    fn from_envelope(e: &Envelope) -> Self {
+        Self {
+            sequence: e.sequence,
+            event_id: e.event_id.to_string(),
+            name: e.name.clone(),
+            aggregate_id: e.aggregate_id.clone(),
+            occurred_at: e.occurred_at.naive_utc(),
+            correlation_id: e.correlation_id.to_string(),
+            causation_id: e.causation_id.map(|c| c.to_string()),
+            traceparent: e.traceparent.clone(),
+            payload: e.payload.to_string(),
+            relayed_at: None,
+        }
+    }
+
+    /// The envelope this row stores, published by `source`.
+    pub fn into_envelope(self, source: &str) -> Result<Envelope, String> {
+        let parse =
+            |s: &str| Uuid::parse_str(s).map_err(|e| format!("outbox row {}: {e}", self.sequence));
+        Ok(Envelope {
+            event_id: parse(&self.event_id)?,
+            correlation_id: parse(&self.correlation_id)?,
+            causation_id: self.causation_id.as_deref().map(parse).transpose()?,
+            name: self.name,
+            source: source.to_string(),
+            aggregate_id: self.aggregate_id,
+            sequence: self.sequence,
+            occurred_at: self.occurred_at.and_utc(),
+            traceparent: self.traceparent,
+            payload: serde_json::from_str(&self.payload)
+                .map_err(|e| format!("outbox row {}: {e}", self.sequence))?,
+        })
+    }
+}
+
+/// Events published after `after`, oldest first.
+pub fn read_after(
+    conn: &mut AnyConnection,
+    source: &str,
+    after: i64,
+    limit: i64,
+) -> QueryResult<Vec<Result<Envelope, String>>> {
+    let rows: Vec<OutboxRow> = colony_outbox::table
+        .filter(colony_outbox::sequence.gt(after))
+        .order(colony_outbox::sequence.asc())
+        .limit(limit)
+        .select(OutboxRow::as_select())
+        .load(conn)?;
+    Ok(rows.into_iter().map(|r| r.into_envelope(source)).collect())
+}
+
+/// The newest sequence this module has published.
+pub fn last_sequence(conn: &mut AnyConnection) -> QueryResult<i64> {
+    colony_outbox_head::table
+        .find(1)
+        .select(colony_outbox_head::last_sequence)
+        .first(conn)
+}
