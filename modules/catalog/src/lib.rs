@@ -1,1 +1,70 @@
+//! The catalog module: products, prices and stock. It publishes what changes so
+//! other modules keep their own read models; it never reads theirs.
 
+mod domain;
+mod http;
+mod schema;
+mod store;
+
+use actix_web::web;
+use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use kernel::Db;
+use kernel::migrate::Migrations;
+use kernel::module::{Module, ModuleContext, ModuleSpec};
+use serde::Deserialize;
+use utoipa::OpenApi;
+
+pub const MODULE: &str = "catalog";
+
+const SQLITE: EmbeddedMigrations = embed_migrations!("../../migrations/catalog/sqlite");
+const POSTGRES: EmbeddedMigrations = embed_migrations!("../../migrations/catalog/postgres");
+
+/// How the composition root finds this module.
+pub const SPEC: ModuleSpec = ModuleSpec {
+    name: MODULE,
+    migrations: Migrations {
+        sqlite: &SQLITE,
+        postgres: &POSTGRES,
+    },
+    consumes: &[],
+    build,
+};
+
+/// `modules.catalog` settings besides `database_url` (none yet).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Settings {}
+
+fn build(ctx: ModuleContext) -> anyhow::Result<Box<dyn Module>> {
+    let _: Settings = ctx.settings(MODULE)?;
+    Ok(Box::new(Catalog { db: ctx.db }))
+}
+
+struct Catalog {
+    db: Db,
+}
+
+#[derive(OpenApi)]
+#[openapi(paths(
+    http::create_product,
+    http::list_products,
+    http::get_product,
+    http::update_product,
+    http::set_stock,
+    http::delist_product
+))]
+struct CatalogApi;
+
+impl Module for Catalog {
+    fn name(&self) -> &'static str {
+        MODULE
+    }
+
+    fn routes(&self, cfg: &mut web::ServiceConfig) {
+        http::routes(cfg, self.db.clone());
+    }
+
+    fn openapi(&self) -> utoipa::openapi::OpenApi {
+        CatalogApi::openapi()
+    }
+}

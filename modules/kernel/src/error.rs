@@ -151,6 +151,14 @@ fn json_problem(err: &JsonPayloadError) -> Problem {
     }
 }
 
+/// A resource whose unsupported methods answer 405 (instead of falling through to
+/// the application's 404).
+pub fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(|| async {
+        Problem::from_status(StatusCode::METHOD_NOT_ALLOWED).to_response()
+    }))
+}
+
 /// Path parameters that do not parse.
 pub fn path_config() -> web::PathConfig {
     web::PathConfig::default().error_handler(|err: PathError, _req| {

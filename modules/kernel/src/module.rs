@@ -16,6 +16,8 @@ use crate::migrate::Migrations;
 pub struct ModuleSpec {
     pub name: &'static str,
     pub migrations: Migrations,
+    /// The modules whose events this one consumes (for the architecture graph).
+    pub consumes: &'static [&'static str],
     /// Builds the running module from its context.
     pub build: fn(ModuleContext) -> anyhow::Result<Box<dyn Module>>,
 }

@@ -8,6 +8,7 @@
 mod consumer;
 pub mod dead_letters;
 mod local;
+pub mod stats;
 
 use std::future::Future;
 use std::pin::Pin;

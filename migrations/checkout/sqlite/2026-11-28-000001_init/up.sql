@@ -1,0 +1,2 @@
+-- The checkout module's own schema starts here; its tables arrive with its features.
+SELECT 1;

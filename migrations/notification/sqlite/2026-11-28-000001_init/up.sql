@@ -1,0 +1,2 @@
+-- The notification module's own schema starts here; its tables arrive with its features.
+SELECT 1;
