@@ -58,13 +58,11 @@ pub async fn dead_letters(
 ) -> Result<web::Json<DeadLetterList>, Problem> {
     caller.require(&[Role::Admin])?;
     let wanted = filter.into_inner().module;
-    if let Some(name) = &wanted {
-        if runtime.module(name).is_none() {
-            return Err(Problem::not_found(
-                "module_not_local",
-                format!("module {name:?} does not run in this process"),
-            ));
-        }
+    if let Some(name) = wanted.as_ref().filter(|n| runtime.module(n).is_none()) {
+        return Err(Problem::not_found(
+            "module_not_local",
+            format!("module {name:?} does not run in this process"),
+        ));
     }
     let items = web::block(move || {
         let mut items = Vec::new();

@@ -13,6 +13,7 @@ pub mod migrate;
 pub mod module;
 pub mod outbox;
 pub mod schema;
+pub mod testing;
 pub mod trace;
 
 pub use db::{AnyConnection, Db};

@@ -1,0 +1,100 @@
+//! Throwaway databases for tests: a temporary SQLite directory, or a fresh
+//! PostgreSQL database created through `COLONY_TEST_DATABASE_URL` and dropped after.
+
+use std::path::PathBuf;
+
+use diesel::connection::SimpleConnection;
+use diesel::{Connection, PgConnection};
+use uuid::Uuid;
+
+/// The variable naming the PostgreSQL server tests may create databases on.
+pub const POSTGRES_ENV: &str = "COLONY_TEST_DATABASE_URL";
+
+pub enum TestDatabase {
+    Sqlite { dir: PathBuf },
+    Postgres { admin_url: String, name: String },
+}
+
+impl TestDatabase {
+    /// A new empty directory for one SQLite file per module.
+    pub fn sqlite() -> Self {
+        let dir = std::env::temp_dir().join(format!("colony-test-{}", Uuid::now_v7().simple()));
+        let _ = std::fs::create_dir_all(&dir);
+        Self::Sqlite { dir }
+    }
+
+    /// A new empty PostgreSQL database, or `None` when `COLONY_TEST_DATABASE_URL` is
+    /// unset. CI sets it (and a guard test fails in CI when it is missing).
+    pub fn postgres() -> Option<Self> {
+        let admin_url = std::env::var(POSTGRES_ENV).ok().filter(|u| !u.is_empty())?;
+        let name = format!("colony_test_{}", Uuid::now_v7().simple());
+        let mut admin = match PgConnection::establish(&admin_url) {
+            Ok(c) => c,
+            Err(e) => panic!("{POSTGRES_ENV} is set but PostgreSQL is unreachable: {e}"),
+        };
+        if let Err(e) = admin.batch_execute(&format!("CREATE DATABASE {name}")) {
+            panic!("cannot create test database {name}: {e}");
+        }
+        Some(Self::Postgres { admin_url, name })
+    }
+
+    /// The `database.url` of this database.
+    pub fn url(&self) -> String {
+        match self {
+            Self::Sqlite { dir } => format!("sqlite://{}", dir.display()),
+            Self::Postgres { admin_url, name } => replace_database(admin_url, name),
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres { .. })
+    }
+}
+
+/// `url` pointing at database `name` instead of the one it names.
+pub fn replace_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[authority_start..]
+        .find('/')
+        .map_or(base.len(), |i| authority_start + i);
+    let mut out = format!("{}/{name}", &base[..path_start]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        match self {
+            Self::Sqlite { dir } => {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            Self::Postgres { admin_url, name } => {
+                if let Ok(mut admin) = PgConnection::establish(admin_url) {
+                    let _ = admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn swaps_the_database_name_keeping_credentials_and_options() {
+        assert_eq!(
+            replace_database("postgres://u:p@h:5432/postgres?sslmode=disable", "t1"),
+            "postgres://u:p@h:5432/t1?sslmode=disable"
+        );
+        assert_eq!(replace_database("postgres://h", "t1"), "postgres://h/t1");
+    }
+}

@@ -1,0 +1,589 @@
+//! The event bus, end to end through real databases: a producer module ("alpha")
+//! publishes through its outbox; consumer modules ("beta", "gamma") handle the
+//! events in their own databases. Every test runs on SQLite, and on PostgreSQL
+//! when `COLONY_TEST_DATABASE_URL` is set.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{NaiveDateTime, Utc};
+use colony_kernel as kernel;
+use diesel::prelude::*;
+use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use kernel::bus::dead_letters::{self, ReplayError};
+use kernel::bus::{
+    Consumer, ConsumerEngine, EventHandler, HandlerError, LocalTransport, RetryPolicy,
+    Subscription, Transport,
+};
+use kernel::db::{self, Location, PoolOptions, write_tx};
+use kernel::metrics::Metrics;
+use kernel::migrate::{self, Migrations};
+use kernel::outbox::{self, Publisher};
+use kernel::testing::TestDatabase;
+use kernel::{AnyConnection, Db, Envelope};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+const SQLITE: EmbeddedMigrations = embed_migrations!("tests/migrations/sqlite");
+const POSTGRES: EmbeddedMigrations = embed_migrations!("tests/migrations/postgres");
+const MIGRATIONS: Migrations = Migrations {
+    sqlite: &SQLITE,
+    postgres: &POSTGRES,
+};
+
+diesel::table! {
+    bus_test_effects (event_id) {
+        event_id -> Text,
+        consumer -> Text,
+        aggregate_id -> Text,
+        sequence -> BigInt,
+        position -> BigInt,
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ThingHappened {
+    n: i64,
+}
+
+impl contracts::Event for ThingHappened {
+    const NAME: &'static str = "alpha.thing_happened.v1";
+}
+
+/// Opens (and migrates) the database of module `name`, as a fresh process would.
+fn open(test_db: &TestDatabase, name: &'static str) -> Db {
+    let location = Location::resolve(&test_db.url(), name).unwrap();
+    let options = PoolOptions::default();
+    let connector = db::prepare(&location, &options).unwrap();
+    let pool = db::pool(connector, &options).unwrap();
+    migrate::run_pending(&mut pool.get().unwrap(), name, MIGRATIONS).unwrap();
+    Db::new(name, location.backend(), pool)
+}
+
+fn publish(db: &Db, key: &str, n: i64) -> Envelope {
+    let mut conn = db.pool().get().unwrap();
+    let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
+    let envelope = write_tx(&mut conn, |conn| {
+        publisher.publish(conn, key, &ThingHappened { n })
+    })
+    .unwrap();
+    db.notify_committed();
+    envelope
+}
+
+/// What a scripted handler answers for an attempt.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Retry,
+    Permanent,
+}
+
+/// Handles `alpha` events by writing an effect row, unless a scripted failure for
+/// the event's `n` says otherwise. Records every attempt and flags overlaps.
+struct Recorder {
+    consumer: &'static str,
+    script: Mutex<HashMap<i64, VecDeque<Step>>>,
+    always_fail: bool,
+    attempts: Mutex<Vec<(i64, Instant)>>,
+    in_flight: Mutex<HashSet<Uuid>>,
+    overlaps: AtomicI64,
+    position: AtomicI64,
+    pause: Duration,
+}
+
+impl Recorder {
+    fn new(consumer: &'static str) -> Self {
+        Self {
+            consumer,
+            script: Mutex::new(HashMap::new()),
+            always_fail: false,
+            attempts: Mutex::new(Vec::new()),
+            in_flight: Mutex::new(HashSet::new()),
+            overlaps: AtomicI64::new(0),
+            position: AtomicI64::new(0),
+            pause: Duration::ZERO,
+        }
+    }
+
+    fn failing(mut self) -> Self {
+        self.always_fail = true;
+        self
+    }
+
+    fn script(self, n: i64, steps: &[Step]) -> Self {
+        self.script
+            .lock()
+            .unwrap()
+            .insert(n, steps.iter().copied().collect());
+        self
+    }
+
+    fn attempts_of(&self, n: i64) -> Vec<Instant> {
+        self.attempts
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(m, _)| *m == n)
+            .map(|(_, t)| *t)
+            .collect()
+    }
+}
+
+impl EventHandler for Recorder {
+    fn handle(&self, conn: &mut AnyConnection, event: &Envelope) -> Result<(), HandlerError> {
+        let payload: ThingHappened = event.decode::<ThingHappened>().unwrap()?;
+        self.attempts
+            .lock()
+            .unwrap()
+            .push((payload.n, Instant::now()));
+        if !self.in_flight.lock().unwrap().insert(event.event_id) {
+            self.overlaps.fetch_add(1, Ordering::SeqCst);
+        }
+        if !self.pause.is_zero() {
+            std::thread::sleep(self.pause);
+        }
+        let step = self
+            .script
+            .lock()
+            .unwrap()
+            .get_mut(&payload.n)
+            .and_then(VecDeque::pop_front);
+        self.in_flight.lock().unwrap().remove(&event.event_id);
+        if self.always_fail {
+            return Err(HandlerError::Retry("downstream is down".into()));
+        }
+        match step {
+            Some(Step::Retry) => return Err(HandlerError::Retry("not yet".into())),
+            Some(Step::Permanent) => return Err(HandlerError::Permanent("poison".into())),
+            None => {}
+        }
+        diesel::insert_into(bus_test_effects::table)
+            .values((
+                bus_test_effects::event_id.eq(event.event_id.to_string()),
+                bus_test_effects::consumer.eq(self.consumer),
+                bus_test_effects::aggregate_id.eq(&event.aggregate_id),
+                bus_test_effects::sequence.eq(payload.n),
+                bus_test_effects::position.eq(self.position.fetch_add(1, Ordering::SeqCst)),
+            ))
+            .execute(conn)?;
+        Ok(())
+    }
+}
+
+fn policy() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 5,
+        base_delay: Duration::from_millis(40),
+        max_delay: Duration::from_secs(2),
+        batch_size: 64,
+        poll_interval: Duration::from_millis(200),
+    }
+}
+
+struct Setup {
+    producer: Db,
+    consumer: Db,
+    transport: LocalTransport,
+}
+
+fn setup(test_db: &TestDatabase) -> Setup {
+    let producer = open(test_db, "alpha");
+    let consumer = open(test_db, "beta");
+    let mut transport = LocalTransport::new();
+    transport.add_source(producer.clone());
+    Setup {
+        producer,
+        consumer,
+        transport,
+    }
+}
+
+fn engine(db: &Db, handler: Arc<Recorder>, policy: RetryPolicy) -> ConsumerEngine {
+    let consumer = Consumer {
+        name: handler.consumer,
+        source: "alpha",
+        handler,
+    };
+    ConsumerEngine::new(consumer, db.clone(), policy, Arc::new(Metrics::default()))
+}
+
+fn now() -> NaiveDateTime {
+    Utc::now().naive_utc()
+}
+
+/// Effects written by `consumer`, as (key, n) in the order they happened.
+fn effects(db: &Db, consumer: &str) -> Vec<(String, i64)> {
+    let mut conn = db.pool().get().unwrap();
+    bus_test_effects::table
+        .filter(bus_test_effects::consumer.eq(consumer))
+        .order(bus_test_effects::position.asc())
+        .select((bus_test_effects::aggregate_id, bus_test_effects::sequence))
+        .load(&mut conn)
+        .unwrap()
+}
+
+fn pass(
+    engine: &ConsumerEngine,
+    db: &Db,
+    sub: &mut Box<dyn Subscription>,
+    at: NaiveDateTime,
+) -> kernel::bus::PassReport {
+    engine
+        .pass(&mut db.pool().get().unwrap(), sub.as_mut(), at)
+        .unwrap()
+}
+
+/// Polls `check` until it holds or `limit` passes.
+async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    check()
+}
+
+async fn undelivered_events_are_delivered_after_a_restart(test_db: TestDatabase) {
+    {
+        // The first process commits events, then dies before any consumer ran.
+        let first = setup(&test_db);
+        for n in 1..=3 {
+            publish(&first.producer, "k1", n);
+        }
+    }
+    let second = setup(&test_db);
+    let handler = Arc::new(Recorder::new("beta"));
+    let engine = engine(&second.consumer, handler, policy());
+    let (stop, stopped) = watch::channel(false);
+    let sub = second.transport.subscribe("beta", "alpha").unwrap();
+    let running = tokio::spawn(engine.run(sub, stopped));
+    let delivered = eventually(Duration::from_secs(10), || {
+        effects(&second.consumer, "beta").len() == 3
+    })
+    .await;
+    stop.send(true).unwrap();
+    running.await.unwrap();
+    assert!(delivered, "got {:?}", effects(&second.consumer, "beta"));
+    assert_eq!(
+        effects(&second.consumer, "beta"),
+        vec![("k1".into(), 1), ("k1".into(), 2), ("k1".into(), 3)]
+    );
+}
+
+async fn a_redelivered_event_has_no_second_effect(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    publish(&s.producer, "k1", 1);
+    publish(&s.producer, "k2", 2);
+    let handler = Arc::new(Recorder::new("beta"));
+    let engine = engine(&s.consumer, handler, policy());
+    let mut sub = s.transport.subscribe("beta", "alpha").unwrap();
+    assert_eq!(pass(&engine, &s.consumer, &mut sub, now()).handled, 2);
+    // The transport forgets it delivered them (as a broker does after a lost ack).
+    diesel::update(kernel::schema::colony_consumer_positions::table)
+        .set(kernel::schema::colony_consumer_positions::position.eq(0_i64))
+        .execute(&mut s.consumer.pool().get().unwrap())
+        .unwrap();
+    let report = pass(&engine, &s.consumer, &mut sub, now());
+    assert_eq!(
+        (report.pulled, report.duplicates, report.handled),
+        (2, 2, 0)
+    );
+    assert_eq!(effects(&s.consumer, "beta").len(), 2);
+}
+
+async fn a_handler_failing_twice_is_retried_with_growing_delays(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    publish(&s.producer, "k1", 1);
+    let handler = Arc::new(Recorder::new("beta").script(1, &[Step::Retry, Step::Retry]));
+    let engine = engine(&s.consumer, handler.clone(), policy());
+    let (stop, stopped) = watch::channel(false);
+    let sub = s.transport.subscribe("beta", "alpha").unwrap();
+    let running = tokio::spawn(engine.run(sub, stopped));
+    let handled = eventually(Duration::from_secs(10), || {
+        effects(&s.consumer, "beta").len() == 1
+    })
+    .await;
+    stop.send(true).unwrap();
+    running.await.unwrap();
+    assert!(handled, "the event was never handled");
+    let attempts = handler.attempts_of(1);
+    assert_eq!(attempts.len(), 3, "two failures then one success");
+    let first_delay = attempts[1] - attempts[0];
+    let second_delay = attempts[2] - attempts[1];
+    // base 40 ms with equal jitter: the first wait is 20–40 ms, the second 40–80 ms.
+    assert!(first_delay >= Duration::from_millis(20), "{first_delay:?}");
+    assert!(
+        second_delay >= Duration::from_millis(40),
+        "{second_delay:?}"
+    );
+    assert!(
+        second_delay > first_delay,
+        "{first_delay:?} then {second_delay:?}"
+    );
+}
+
+async fn a_permanent_failure_is_parked_and_the_consumer_continues(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    publish(&s.producer, "k1", 1);
+    publish(&s.producer, "k1", 2);
+    publish(&s.producer, "k2", 3);
+    let handler = Arc::new(Recorder::new("beta").script(1, &[Step::Permanent]));
+    let engine = engine(&s.consumer, handler, policy());
+    let mut sub = s.transport.subscribe("beta", "alpha").unwrap();
+    let report = pass(&engine, &s.consumer, &mut sub, now());
+    assert_eq!((report.handled, report.parked), (2, 1));
+    assert_eq!(
+        effects(&s.consumer, "beta"),
+        vec![("k1".into(), 2), ("k2".into(), 3)]
+    );
+    let parked = dead_letters::list(&mut s.consumer.pool().get().unwrap()).unwrap();
+    assert_eq!(parked.len(), 1);
+    assert_eq!(
+        (parked[0].name.as_str(), parked[0].attempts),
+        ("alpha.thing_happened.v1", 1)
+    );
+    assert!(parked[0].error.contains("poison"), "{}", parked[0].error);
+}
+
+async fn a_poison_key_does_not_hold_back_other_keys(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    publish(&s.producer, "poison", 1);
+    publish(&s.producer, "healthy", 2);
+    publish(&s.producer, "poison", 3);
+    publish(&s.producer, "healthy", 4);
+    let handler =
+        Arc::new(Recorder::new("beta").script(1, &[Step::Retry, Step::Retry, Step::Retry]));
+    let engine = engine(&s.consumer, handler, policy());
+    let mut sub = s.transport.subscribe("beta", "alpha").unwrap();
+    let t0 = now();
+    let report = pass(&engine, &s.consumer, &mut sub, t0);
+    assert_eq!(
+        (report.handled, report.retried, report.queued_behind),
+        (2, 1, 1)
+    );
+    // The healthy key went through; the poisoned key's later event waits its turn.
+    assert_eq!(
+        effects(&s.consumer, "beta"),
+        vec![("healthy".into(), 2), ("healthy".into(), 4)]
+    );
+    // Later passes, each after the backoff, until the poisoned event succeeds.
+    let mut at = t0;
+    for _ in 0..4 {
+        at += chrono::Duration::seconds(5);
+        pass(&engine, &s.consumer, &mut sub, at);
+    }
+    assert_eq!(
+        effects(&s.consumer, "beta"),
+        vec![
+            ("healthy".into(), 2),
+            ("healthy".into(), 4),
+            ("poison".into(), 1),
+            ("poison".into(), 3)
+        ],
+        "the poisoned key kept its order"
+    );
+}
+
+async fn a_broken_consumer_does_not_hold_back_another(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    let gamma = open(&test_db, "gamma");
+    for n in 1..=20 {
+        publish(&s.producer, &format!("k{}", n % 4), n);
+    }
+    let broken = engine(
+        &s.consumer,
+        Arc::new(Recorder::new("beta").failing()),
+        policy(),
+    );
+    let healthy = engine(&gamma, Arc::new(Recorder::new("gamma")), policy());
+    let (stop, stopped) = watch::channel(false);
+    let a = tokio::spawn(broken.run(
+        s.transport.subscribe("beta", "alpha").unwrap(),
+        stopped.clone(),
+    ));
+    let b = tokio::spawn(healthy.run(s.transport.subscribe("gamma", "alpha").unwrap(), stopped));
+    let done = eventually(Duration::from_secs(10), || {
+        effects(&gamma, "gamma").len() == 20
+    })
+    .await;
+    stop.send(true).unwrap();
+    a.await.unwrap();
+    b.await.unwrap();
+    assert!(
+        done,
+        "gamma handled only {:?}",
+        effects(&gamma, "gamma").len()
+    );
+    assert!(effects(&s.consumer, "beta").is_empty());
+}
+
+async fn a_rolled_back_transaction_publishes_nothing(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    let mut conn = s.producer.pool().get().unwrap();
+    let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
+    let result: Result<(), diesel::result::Error> = write_tx(&mut conn, |conn| {
+        publisher.publish(conn, "k1", &ThingHappened { n: 1 })?;
+        Err(diesel::result::Error::RollbackTransaction)
+    });
+    assert!(result.is_err());
+    assert_eq!(outbox::last_sequence(&mut conn).unwrap(), 0);
+    let engine = engine(&s.consumer, Arc::new(Recorder::new("beta")), policy());
+    let mut sub = s.transport.subscribe("beta", "alpha").unwrap();
+    assert_eq!(pass(&engine, &s.consumer, &mut sub, now()).pulled, 0);
+    // The next published event takes sequence 1: no gap was left behind.
+    assert_eq!(publish(&s.producer, "k1", 2).sequence, 1);
+}
+
+async fn two_bus_instances_never_handle_the_same_event_at_once(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    for n in 1..=120 {
+        publish(&s.producer, &format!("k{}", n % 7), n);
+    }
+    // Two instances: separate pools on the same databases, one handler's bookkeeping
+    // so an overlap between them would show.
+    let mut shared = Recorder::new("beta");
+    shared.pause = Duration::from_millis(1);
+    let handler = Arc::new(shared);
+    let other = setup(&test_db);
+    let small = RetryPolicy {
+        batch_size: 8,
+        ..policy()
+    };
+    let first = engine(&s.consumer, handler.clone(), small.clone());
+    let second = engine(&other.consumer, handler.clone(), small);
+    let (stop, stopped) = watch::channel(false);
+    let a = tokio::spawn(first.run(
+        s.transport.subscribe("beta", "alpha").unwrap(),
+        stopped.clone(),
+    ));
+    let b = tokio::spawn(second.run(other.transport.subscribe("beta", "alpha").unwrap(), stopped));
+    let done = eventually(Duration::from_secs(30), || {
+        effects(&s.consumer, "beta").len() >= 120
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(true).unwrap();
+    a.await.unwrap();
+    b.await.unwrap();
+    assert!(done, "only {} handled", effects(&s.consumer, "beta").len());
+    assert_eq!(
+        handler.overlaps.load(Ordering::SeqCst),
+        0,
+        "an event was handled twice at once"
+    );
+    let all = effects(&s.consumer, "beta");
+    let distinct: HashSet<i64> = all.iter().map(|(_, n)| *n).collect();
+    assert_eq!(
+        (all.len(), distinct.len()),
+        (120, 120),
+        "each event exactly once"
+    );
+}
+
+async fn replaying_a_dead_letter_delivers_it_once(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    publish(&s.producer, "k1", 1);
+    let handler = Arc::new(Recorder::new("beta").script(1, &[Step::Permanent]));
+    let engine = engine(&s.consumer, handler, policy());
+    let mut sub = s.transport.subscribe("beta", "alpha").unwrap();
+    assert_eq!(pass(&engine, &s.consumer, &mut sub, now()).parked, 1);
+    assert!(effects(&s.consumer, "beta").is_empty());
+    let mut conn = s.consumer.pool().get().unwrap();
+    let id = dead_letters::list(&mut conn).unwrap()[0].id.clone();
+    write_tx(&mut conn, |c| dead_letters::replay(c, &id)).unwrap();
+    assert!(matches!(
+        write_tx(&mut conn, |c| dead_letters::replay(c, &id)),
+        Err(ReplayError::AlreadyReplayed(_))
+    ));
+    drop(conn);
+    for _ in 0..3 {
+        pass(&engine, &s.consumer, &mut sub, now());
+    }
+    assert_eq!(effects(&s.consumer, "beta"), vec![("k1".into(), 1)]);
+    assert!(
+        dead_letters::list(&mut s.consumer.pool().get().unwrap())
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn concurrent_publishers_lose_nothing_and_keep_key_order(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    let handler = Arc::new(Recorder::new("beta"));
+    let engine = engine(&s.consumer, handler, policy());
+    let (stop, stopped) = watch::channel(false);
+    let running =
+        tokio::spawn(engine.run(s.transport.subscribe("beta", "alpha").unwrap(), stopped));
+    let mut writers = Vec::new();
+    for w in 0..6_i64 {
+        let producer = s.producer.clone();
+        writers.push(tokio::task::spawn_blocking(move || {
+            for i in 0..40_i64 {
+                publish(&producer, &format!("writer{w}"), w * 1000 + i);
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let done = eventually(Duration::from_secs(20), || {
+        effects(&s.consumer, "beta").len() == 240
+    })
+    .await;
+    stop.send(true).unwrap();
+    running.await.unwrap();
+    assert!(
+        done,
+        "only {} of 240 handled",
+        effects(&s.consumer, "beta").len()
+    );
+    let mut last: HashMap<String, i64> = HashMap::new();
+    for (key, n) in effects(&s.consumer, "beta") {
+        if let Some(prev) = last.insert(key.clone(), n) {
+            assert!(n > prev, "{key}: {n} handled after {prev}");
+        }
+    }
+}
+
+/// Runs each scenario on SQLite, and on PostgreSQL when it is configured.
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::TestDatabase::sqlite()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    match super::TestDatabase::postgres() {
+                        Some(db) => super::$scenario(db).await,
+                        None => eprintln!("skipped: {} is not set", super::kernel::testing::POSTGRES_ENV),
+                    }
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    undelivered_events_are_delivered_after_a_restart,
+    a_redelivered_event_has_no_second_effect,
+    a_handler_failing_twice_is_retried_with_growing_delays,
+    a_permanent_failure_is_parked_and_the_consumer_continues,
+    a_poison_key_does_not_hold_back_other_keys,
+    a_broken_consumer_does_not_hold_back_another,
+    a_rolled_back_transaction_publishes_nothing,
+    two_bus_instances_never_handle_the_same_event_at_once,
+    replaying_a_dead_letter_delivers_it_once,
+    concurrent_publishers_lose_nothing_and_keep_key_order,
+);
