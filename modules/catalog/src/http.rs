@@ -284,7 +284,7 @@ pub async fn create_product(
     let price = domain::parse_price(&body.price)?;
     let stock = Stock::new(body.stock)?;
     let id = ProductId::new();
-    let now = Utc::now().naive_utc();
+    let now = kernel::time::now();
     let row = ProductRow {
         id: id.to_string(),
         sku: sku.as_str().to_string(),
@@ -422,7 +422,7 @@ pub async fn update_product(
     let row = db
         .write(move |conn| {
             let before = load_for_change(conn, &id, &caller)?;
-            let now = Utc::now().naive_utc();
+            let now = kernel::time::now();
             let details_changed = name.as_ref().is_some_and(|n| *n != before.name)
                 || description
                     .as_ref()
@@ -498,7 +498,7 @@ pub async fn set_stock(
             if stock.on_hand == before.on_hand {
                 return Ok(before);
             }
-            store::set_on_hand(conn, &id, stock.on_hand, Utc::now().naive_utc())?;
+            store::set_on_hand(conn, &id, stock.on_hand, kernel::time::now())?;
             let after =
                 store::find(conn, &id)?.ok_or_else(|| CatalogError::NotFound(id.clone()))?;
             publisher.publish(conn, &id, &stock_event(&after))?;
@@ -527,7 +527,7 @@ pub async fn delist_product(
         let row = store::lock(conn, &id)?.ok_or_else(|| CatalogError::NotFound(id.clone()))?;
         owner_or_admin(&caller, &row)?;
         if row.listed {
-            store::delist(conn, &id, Utc::now().naive_utc())?;
+            store::delist(conn, &id, kernel::time::now())?;
             let event = ProductDelisted {
                 product_id: parse_id(&id).0,
             };

@@ -14,6 +14,7 @@ pub mod module;
 pub mod outbox;
 pub mod schema;
 pub mod testing;
+pub mod time;
 pub mod trace;
 
 pub use db::{AnyConnection, Db};

@@ -1,7 +1,6 @@
 //! Publishing: an event is a row in the producer's outbox, written in the same
 //! transaction as the state change it reports.
 
-use chrono::Utc;
 use contracts::Event;
 use diesel::prelude::*;
 use uuid::Uuid;
@@ -72,7 +71,7 @@ impl Publisher {
             source: self.source.to_string(),
             aggregate_id: aggregate_id.to_string(),
             sequence,
-            occurred_at: Utc::now(),
+            occurred_at: crate::time::now().and_utc(),
             correlation_id: self.correlation_id,
             causation_id: self.causation_id,
             traceparent: self.trace.map(|t| t.to_string()),

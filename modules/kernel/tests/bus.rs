@@ -1,3 +1,5 @@
+#![expect(clippy::unwrap_used, reason = "test helpers panic to fail the test")]
+
 //! The event bus, end to end through real databases: a producer module ("alpha")
 //! publishes through its outbox; consumer modules ("beta", "gamma") handle the
 //! events in their own databases. Every test runs on SQLite, and on PostgreSQL

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{NaiveDateTime, Utc};
+use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use tokio::sync::watch;
 use tracing::Instrument;
@@ -155,7 +155,7 @@ impl ConsumerEngine {
                 .values((
                     colony_inbox::consumer.eq(self.consumer.name),
                     colony_inbox::event_id.eq(event.event_id.to_string()),
-                    colony_inbox::handled_at.eq(Utc::now().naive_utc()),
+                    colony_inbox::handled_at.eq(crate::time::now()),
                 ))
                 .execute(conn)?;
             Ok(())
@@ -408,7 +408,7 @@ impl ConsumerEngine {
         let poll = self.policy.poll_interval;
         match report.next_due {
             Some(due) => {
-                let until = (due - Utc::now().naive_utc())
+                let until = (due - crate::time::now())
                     .to_std()
                     .unwrap_or(Duration::ZERO);
                 until.min(poll).max(Duration::from_millis(1))
@@ -425,7 +425,7 @@ impl ConsumerEngine {
         let handle = tokio::task::spawn_blocking(move || {
             let run = std::panic::AssertUnwindSafe(|| {
                 let mut conn = self.db.pool().get().map_err(DbError::from)?;
-                self.pass(&mut conn, sub.as_mut(), Utc::now().naive_utc())
+                self.pass(&mut conn, sub.as_mut(), crate::time::now())
             });
             // A panicking handler must not take the consumer down: the transaction
             // was rolled back with the connection, and the batch comes again.

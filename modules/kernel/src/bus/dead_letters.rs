@@ -2,7 +2,7 @@
 //! replayed on request (the event goes back to the consumer's retry queue and is
 //! handled once; the inbox still guards against a second effect).
 
-use chrono::{NaiveDateTime, Utc};
+use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use serde::Serialize;
 
@@ -67,7 +67,7 @@ pub fn replay(conn: &mut AnyConnection, id: &str) -> Result<DeadLetter, ReplayEr
     if letter.replayed_at.is_some() {
         return Err(ReplayError::AlreadyReplayed(id.to_string()));
     }
-    let now = Utc::now().naive_utc();
+    let now = crate::time::now();
     diesel::insert_into(colony_deferred::table)
         .values((
             colony_deferred::consumer.eq(&letter.consumer),

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::Utc;
 use diesel::prelude::*;
 use tokio::sync::watch;
 
@@ -66,7 +65,7 @@ impl LocalSubscription {
     /// Takes the row lock on this consumer's position (creating it at 0) and reads it.
     fn lock_position(&self, conn: &mut AnyConnection) -> Result<i64, BusError> {
         let key = positions::table.find((self.consumer.as_str(), self.source.module()));
-        let now = Utc::now().naive_utc();
+        let now = crate::time::now();
         let touched = diesel::update(key)
             .set(positions::updated_at.eq(now))
             .execute(conn)?;
@@ -105,7 +104,7 @@ impl Subscription for LocalSubscription {
         diesel::update(positions::table.find((self.consumer.as_str(), self.source.module())))
             .set((
                 positions::position.eq(last.sequence),
-                positions::updated_at.eq(Utc::now().naive_utc()),
+                positions::updated_at.eq(crate::time::now()),
             ))
             .execute(conn)?;
         Ok(())

@@ -1,0 +1,203 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::ServerHandle;
+use colony::registry;
+use colony::runtime::Runtime;
+use colony::settings::Settings;
+use colony::startup::Application;
+use kernel::auth::{Authenticator, Role};
+use kernel::module::ModuleSpec;
+pub use kernel::testing::TestDatabase;
+use reqwest::{Method, Response};
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub runtime: Arc<Runtime>,
+    auth: Authenticator,
+    handle: ServerHandle,
+    running: JoinHandle<anyhow::Result<()>>,
+    db: TestDatabase,
+}
+
+pub fn test_settings(db: &TestDatabase) -> Settings {
+    let mut settings = Settings::built_in().expect("built-in settings");
+    settings.http.port = 0;
+    settings.http.workers = 2;
+    settings.http.shutdown_timeout_secs = 5;
+    settings.database.url = db.url();
+    settings.database.pool_size = 4;
+    settings.bus.poll_interval_ms = 100;
+    settings.auth.jwt_secret = "a-test-secret-that-is-long-enough-0123456789".into();
+    settings
+}
+
+/// Starts colony with every module on `db`.
+pub async fn spawn_app(db: TestDatabase) -> TestApp {
+    spawn_modules(db, registry::ALL.to_vec()).await
+}
+
+pub async fn spawn_modules(db: TestDatabase, specs: Vec<ModuleSpec>) -> TestApp {
+    let settings = test_settings(&db);
+    let auth = Authenticator::new(&settings.auth.jwt_secret);
+    let app = Application::build(settings, specs)
+        .await
+        .expect("application starts");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let runtime = app.runtime();
+    let handle = app.handle();
+    let running = tokio::spawn(app.run_until_stopped());
+    TestApp {
+        address,
+        client: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client"),
+        runtime,
+        auth,
+        handle,
+        running,
+        db,
+    }
+}
+
+impl TestApp {
+    /// Stops the server gracefully and hands back its databases (for a restart).
+    pub async fn stop(self) -> TestDatabase {
+        self.handle.stop(true).await;
+        self.running
+            .await
+            .expect("joined")
+            .expect("stopped cleanly");
+        drop(self.runtime);
+        self.db
+    }
+
+    pub fn token(&self, subject: &str, role: Role) -> String {
+        self.auth.issue(subject, role, Duration::from_secs(600))
+    }
+
+    pub fn seller(&self) -> String {
+        self.token("seller-1", Role::Seller)
+    }
+
+    pub fn admin(&self) -> String {
+        self.token("admin-1", Role::Admin)
+    }
+
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&Value>,
+    ) -> Response {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.address));
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        req.send().await.expect("request sent")
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Response {
+        self.request(Method::GET, path, token, None).await
+    }
+
+    pub async fn post(&self, path: &str, token: Option<&str>, body: &Value) -> Response {
+        self.request(Method::POST, path, token, Some(body)).await
+    }
+
+    /// Lists a product as `token`'s seller; panics unless it is created.
+    pub async fn create_product(
+        &self,
+        token: &str,
+        sku: &str,
+        price_minor: i64,
+        stock: i64,
+    ) -> Value {
+        let res = self
+            .post(
+                "/api/v1/catalog/products",
+                Some(token),
+                &json!({
+                    "sku": sku,
+                    "name": format!("Product {sku}"),
+                    "description": "A fine thing",
+                    "price": {"amount_minor": price_minor, "currency": "EUR"},
+                    "stock": stock
+                }),
+            )
+            .await;
+        assert_eq!(res.status(), 201, "creating {sku}");
+        res.json().await.expect("product json")
+    }
+
+    /// Events the module has published so far (its outbox head).
+    pub async fn published(&self, module: &str) -> i64 {
+        let res = self.get("/api/v1/admin/modules", Some(&self.admin())).await;
+        assert_eq!(res.status(), 200);
+        let body: Value = res.json().await.expect("modules json");
+        body["items"]
+            .as_array()
+            .and_then(|items| items.iter().find(|m| m["module"] == module))
+            .and_then(|m| m["bus"]["last_sequence"].as_i64())
+            .unwrap_or_else(|| panic!("module {module} not listed: {body}"))
+    }
+}
+
+/// Asserts that `res` is a problem document with `status` and `code`; returns it.
+pub async fn assert_problem(res: Response, status: u16, code: &str) -> Value {
+    assert_eq!(res.status().as_u16(), status, "status for expected {code}");
+    let content_type = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(
+        content_type, "application/problem+json",
+        "content type for {code}"
+    );
+    let body: Value = res.json().await.expect("problem json");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status, "{body}");
+    for field in ["type", "title", "detail"] {
+        assert!(body[field].is_string(), "problem lacks {field}: {body}");
+    }
+    body
+}
+
+/// Runs each async scenario `fn(TestDatabase)` on SQLite, and on PostgreSQL when
+/// `COLONY_TEST_DATABASE_URL` is set.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario($crate::helpers::TestDatabase::sqlite()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    match $crate::helpers::TestDatabase::postgres() {
+                        Some(db) => super::$scenario(db).await,
+                        None => eprintln!("skipped: COLONY_TEST_DATABASE_URL is not set"),
+                    }
+                }
+            )*
+        }
+    };
+}
