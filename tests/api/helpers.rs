@@ -201,3 +201,41 @@ macro_rules! on_both_backends {
         }
     };
 }
+
+impl TestApp {
+    /// Puts `quantity` of `product_id` in the customer's cart, waiting (up to 10 s)
+    /// for the cart to learn of the product from catalog's events.
+    pub async fn put_in_cart(&self, customer: &str, product_id: &str, quantity: i64) -> Response {
+        let path = format!("/api/v1/cart/items/{product_id}");
+        let body = json!({ "quantity": quantity });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let res = self
+                .request(Method::PUT, &path, Some(customer), Some(&body))
+                .await;
+            if res.status() != 404 || std::time::Instant::now() > deadline {
+                return res;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most 10 s.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -10,6 +10,7 @@
 
 mod helpers;
 
+mod cart;
 mod catalog;
 mod errors;
 mod ops;

@@ -1,11 +1,22 @@
-//! The cart module. Wired into the binary with its own database and migrations;
-//! its routes and event handlers arrive with the marketplace flow.
+//! The cart module: one cart per customer, priced from cart's own read model of the
+//! catalog (kept from catalog events; adding an item never asks catalog). Offers
+//! the `CartQueries` port that checkout uses at placement.
+
+mod domain;
+mod handlers;
+mod http;
+mod schema;
+mod store;
+
+use std::sync::Arc;
 
 use actix_web::web;
+use contracts::cart::{CartQueries, CartSnapshot, PortError, PortFuture};
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::Db;
+use kernel::bus::Consumer;
 use kernel::migrate::Migrations;
-use kernel::module::{Module, ModuleContext, ModuleSpec};
+use kernel::module::{Module, ModuleContext, ModuleSpec, Ports};
 use serde::Deserialize;
 use utoipa::OpenApi;
 
@@ -21,7 +32,7 @@ pub const SPEC: ModuleSpec = ModuleSpec {
         sqlite: &SQLITE,
         postgres: &POSTGRES,
     },
-    consumes: &[],
+    consumes: &["catalog"],
     build,
 };
 
@@ -32,14 +43,15 @@ struct Settings {}
 
 fn build(ctx: ModuleContext) -> anyhow::Result<Box<dyn Module>> {
     let _: Settings = ctx.settings(MODULE)?;
-    Ok(Box::new(Cart { _db: ctx.db }))
+    Ok(Box::new(Cart { db: ctx.db }))
 }
 
 struct Cart {
-    _db: Db,
+    db: Db,
 }
 
 #[derive(OpenApi)]
+#[openapi(paths(http::get_cart, http::set_item, http::remove_item))]
 struct CartApi;
 
 impl Module for Cart {
@@ -47,9 +59,46 @@ impl Module for Cart {
         MODULE
     }
 
-    fn routes(&self, _cfg: &mut web::ServiceConfig) {}
+    fn routes(&self, cfg: &mut web::ServiceConfig) {
+        http::routes(cfg, self.db.clone());
+    }
+
+    fn consumers(&self) -> Vec<Consumer> {
+        vec![Consumer {
+            name: MODULE,
+            source: "catalog",
+            handler: Arc::new(handlers::CatalogEvents),
+        }]
+    }
+
+    fn provide_ports(&self, ports: &mut Ports) {
+        let port: Arc<dyn CartQueries> = Arc::new(LocalCartQueries {
+            db: self.db.clone(),
+        });
+        ports.provide(port);
+    }
 
     fn openapi(&self) -> utoipa::openapi::OpenApi {
         CartApi::openapi()
+    }
+}
+
+/// `CartQueries` answered from this process's cart database.
+struct LocalCartQueries {
+    db: Db,
+}
+
+impl CartQueries for LocalCartQueries {
+    fn snapshot<'a>(&'a self, customer_id: &'a str) -> PortFuture<'a, CartSnapshot> {
+        let customer = customer_id.to_string();
+        Box::pin(async move {
+            self.db
+                .read(move |conn| http::snapshot(conn, &customer))
+                .await
+                .map_err(|e| PortError::Unavailable {
+                    module: MODULE.to_string(),
+                    detail: e.to_string(),
+                })
+        })
     }
 }

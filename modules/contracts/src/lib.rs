@@ -5,6 +5,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+pub mod cart;
 pub mod catalog;
 pub mod money;
 

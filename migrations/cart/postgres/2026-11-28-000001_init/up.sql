@@ -1,2 +1,0 @@
--- The cart module's own schema starts here; its tables arrive with its features.
-SELECT 1;
