@@ -120,6 +120,17 @@ fn start_consumers(
     let mut handles = Vec::new();
     for m in &runtime.modules {
         for consumer in m.module.consumers() {
+            if !runtime.transport.reaches(consumer.source) {
+                // Not lost: the events wait in the source's outbox for a process
+                // (or transport) that can carry them.
+                tracing::warn!(
+                    consumer = consumer.name,
+                    source = consumer.source,
+                    transport = runtime.transport.name(),
+                    "events of a module running elsewhere cannot reach this process over this transport"
+                );
+                continue;
+            }
             let subscription = runtime
                 .transport
                 .subscribe(consumer.name, consumer.source)?;

@@ -184,3 +184,153 @@ mod tests {
         assert_eq!(parse_description(Some("  ")).unwrap(), None);
     }
 }
+
+/// Why an order's stock could not be reserved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// `out_of_stock` or `product_unavailable`.
+    pub reason: &'static str,
+    pub product_ids: Vec<ProductId>,
+}
+
+/// A product as reservation sees it: `None` when unknown to the catalog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offer {
+    pub listed: bool,
+    pub stock: Stock,
+}
+
+/// Decides an order's reservation, all lines or none: every product must be
+/// listed with enough available units. Returns the new stock of each line.
+pub fn reserve(
+    lines: &[(ProductId, i64, Option<Offer>)],
+) -> Result<Vec<(ProductId, Stock)>, Refusal> {
+    let unavailable: Vec<ProductId> = lines
+        .iter()
+        .filter(|(_, _, offer)| !offer.is_some_and(|o| o.listed))
+        .map(|(id, _, _)| *id)
+        .collect();
+    if !unavailable.is_empty() {
+        return Err(Refusal {
+            reason: "product_unavailable",
+            product_ids: unavailable,
+        });
+    }
+    let mut planned = Vec::with_capacity(lines.len());
+    let mut short = Vec::new();
+    for (id, quantity, offer) in lines {
+        let Some(offer) = offer else { continue };
+        if *quantity <= 0 || offer.stock.available() < *quantity {
+            short.push(*id);
+        } else {
+            planned.push((
+                *id,
+                Stock {
+                    on_hand: offer.stock.on_hand,
+                    reserved: offer.stock.reserved + quantity,
+                },
+            ));
+        }
+    }
+    if short.is_empty() {
+        Ok(planned)
+    } else {
+        Err(Refusal {
+            reason: "out_of_stock",
+            product_ids: short,
+        })
+    }
+}
+
+impl Stock {
+    /// Gives `quantity` reserved units back to available stock.
+    pub fn release(self, quantity: i64) -> Self {
+        Self {
+            reserved: (self.reserved - quantity).max(0),
+            ..self
+        }
+    }
+
+    /// Reserved units leave the warehouse: on hand and reserved both go down.
+    pub fn commit(self, quantity: i64) -> Self {
+        let taken = quantity.min(self.reserved);
+        Self {
+            on_hand: self.on_hand - taken,
+            reserved: self.reserved - taken,
+        }
+    }
+}
+
+#[cfg(test)]
+mod reservation_tests {
+    use super::*;
+
+    fn offer(on_hand: i64, reserved: i64) -> Option<Offer> {
+        Some(Offer {
+            listed: true,
+            stock: Stock { on_hand, reserved },
+        })
+    }
+
+    #[test]
+    fn given_enough_stock_for_every_line_when_reserving_then_all_are_held() {
+        let (a, b) = (ProductId::new(), ProductId::new());
+        let planned = reserve(&[(a, 2, offer(5, 1)), (b, 1, offer(1, 0))]).unwrap();
+        assert_eq!(
+            planned[0].1,
+            Stock {
+                on_hand: 5,
+                reserved: 3
+            }
+        );
+        assert_eq!(planned[1].1.available(), 0);
+    }
+
+    #[test]
+    fn given_one_short_line_when_reserving_then_nothing_is_held() {
+        let (a, b) = (ProductId::new(), ProductId::new());
+        let refusal = reserve(&[(a, 2, offer(5, 0)), (b, 2, offer(3, 2))]).unwrap_err();
+        assert_eq!(refusal.reason, "out_of_stock");
+        assert_eq!(refusal.product_ids, vec![b]);
+    }
+
+    #[test]
+    fn given_a_delisted_or_unknown_product_when_reserving_then_unavailable() {
+        let (a, b) = (ProductId::new(), ProductId::new());
+        let delisted = Some(Offer {
+            listed: false,
+            stock: Stock {
+                on_hand: 9,
+                reserved: 0,
+            },
+        });
+        let refusal = reserve(&[(a, 1, delisted), (b, 1, None)]).unwrap_err();
+        assert_eq!(
+            (refusal.reason, refusal.product_ids.len()),
+            ("product_unavailable", 2)
+        );
+    }
+
+    #[test]
+    fn given_reserved_units_when_released_or_committed_then_stock_balances() {
+        let stock = Stock {
+            on_hand: 10,
+            reserved: 4,
+        };
+        assert_eq!(
+            stock.release(3),
+            Stock {
+                on_hand: 10,
+                reserved: 1
+            }
+        );
+        assert_eq!(
+            stock.commit(4),
+            Stock {
+                on_hand: 6,
+                reserved: 0
+            }
+        );
+        assert_eq!(stock.commit(4).available(), 6);
+    }
+}

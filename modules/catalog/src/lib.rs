@@ -2,13 +2,17 @@
 //! other modules keep their own read models; it never reads theirs.
 
 mod domain;
+mod handlers;
 mod http;
 mod schema;
 mod store;
 
+use std::sync::Arc;
+
 use actix_web::web;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::Db;
+use kernel::bus::Consumer;
 use kernel::migrate::Migrations;
 use kernel::module::{Module, ModuleContext, ModuleSpec};
 use serde::Deserialize;
@@ -26,7 +30,7 @@ pub const SPEC: ModuleSpec = ModuleSpec {
         sqlite: &SQLITE,
         postgres: &POSTGRES,
     },
-    consumes: &[],
+    consumes: &["checkout", "delivery"],
     build,
 };
 
@@ -62,6 +66,21 @@ impl Module for Catalog {
 
     fn routes(&self, cfg: &mut web::ServiceConfig) {
         http::routes(cfg, self.db.clone());
+    }
+
+    fn consumers(&self) -> Vec<Consumer> {
+        vec![
+            Consumer {
+                name: MODULE,
+                source: "checkout",
+                handler: Arc::new(handlers::CheckoutEvents),
+            },
+            Consumer {
+                name: MODULE,
+                source: "delivery",
+                handler: Arc::new(handlers::DeliveryEvents),
+            },
+        ]
     }
 
     fn openapi(&self) -> utoipa::openapi::OpenApi {

@@ -14,3 +14,22 @@ diesel::table! {
         updated_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    reservations (order_id, product_id) {
+        order_id -> Text,
+        product_id -> Text,
+        quantity -> BigInt,
+        status -> Text,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    reservation_refusals (order_id) {
+        order_id -> Text,
+        reason -> Text,
+        created_at -> Timestamp,
+    }
+}

@@ -122,3 +122,98 @@ impl ProductRow {
         }
     }
 }
+
+/// Writes both stock figures of a product (its row is locked by the caller).
+pub fn set_stock(
+    conn: &mut AnyConnection,
+    id: &str,
+    stock: crate::domain::Stock,
+    now: NaiveDateTime,
+) -> QueryResult<()> {
+    diesel::update(products::table.find(id))
+        .set((
+            products::on_hand.eq(stock.on_hand),
+            products::reserved.eq(stock.reserved),
+            products::updated_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = crate::schema::reservations)]
+pub struct ReservationRow {
+    pub order_id: String,
+    pub product_id: String,
+    pub quantity: i64,
+    pub status: String,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+pub fn insert_reservation(conn: &mut AnyConnection, row: &ReservationRow) -> QueryResult<()> {
+    diesel::insert_into(crate::schema::reservations::table)
+        .values(row)
+        .execute(conn)?;
+    Ok(())
+}
+
+/// An order's reservation lines in `status`, by product id.
+pub fn reservations(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    status: &str,
+) -> QueryResult<Vec<ReservationRow>> {
+    use crate::schema::reservations as r;
+    r::table
+        .filter(r::order_id.eq(order_id))
+        .filter(r::status.eq(status))
+        .order(r::product_id.asc())
+        .select(ReservationRow::as_select())
+        .load(conn)
+}
+
+/// Whether the catalog already decided on this order (reserved or refused).
+pub fn decided(conn: &mut AnyConnection, order_id: &str) -> QueryResult<bool> {
+    use crate::schema::{reservation_refusals as f, reservations as r};
+    let reserved: i64 = r::table
+        .filter(r::order_id.eq(order_id))
+        .count()
+        .get_result(conn)?;
+    let refused: i64 = f::table
+        .filter(f::order_id.eq(order_id))
+        .count()
+        .get_result(conn)?;
+    Ok(reserved + refused > 0)
+}
+
+pub fn set_reservation_status(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    product_id: &str,
+    status: &str,
+    now: NaiveDateTime,
+) -> QueryResult<()> {
+    use crate::schema::reservations as r;
+    diesel::update(r::table.find((order_id, product_id)))
+        .set((r::status.eq(status), r::updated_at.eq(now)))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn insert_refusal(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    reason: &str,
+    now: NaiveDateTime,
+) -> QueryResult<()> {
+    use crate::schema::reservation_refusals as f;
+    diesel::insert_into(f::table)
+        .values((
+            f::order_id.eq(order_id),
+            f::reason.eq(reason),
+            f::created_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}

@@ -11,6 +11,10 @@ pub const EVENT_NAMES: &[&str] = &[
     PriceChanged::NAME,
     StockChanged::NAME,
     ProductDelisted::NAME,
+    StockReserved::NAME,
+    StockReservationRejected::NAME,
+    StockReleased::NAME,
+    StockCommitted::NAME,
 ];
 
 /// A seller listed a new product.
@@ -74,4 +78,55 @@ pub struct ProductDelisted {
 
 impl Event for ProductDelisted {
     const NAME: &'static str = "catalog.product_delisted.v1";
+}
+
+/// A quantity of one product, held for or taken by an order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservedLine {
+    pub product_id: Uuid,
+    pub quantity: i64,
+}
+
+/// Every line of an order is reserved (all or nothing). Keyed by order id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockReserved {
+    pub order_id: Uuid,
+    pub lines: Vec<ReservedLine>,
+}
+
+impl Event for StockReserved {
+    const NAME: &'static str = "catalog.stock_reserved.v1";
+}
+
+/// An order could not be reserved; nothing was held. `reason` is `out_of_stock`
+/// (or `product_unavailable` for a delisted or unknown product). Keyed by order id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockReservationRejected {
+    pub order_id: Uuid,
+    pub reason: String,
+    pub product_ids: Vec<Uuid>,
+}
+
+impl Event for StockReservationRejected {
+    const NAME: &'static str = "catalog.stock_reservation_rejected.v1";
+}
+
+/// An order's reservation was given back to available stock. Keyed by order id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockReleased {
+    pub order_id: Uuid,
+}
+
+impl Event for StockReleased {
+    const NAME: &'static str = "catalog.stock_released.v1";
+}
+
+/// An order's reserved stock left the warehouse (on hand went down). Keyed by order id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StockCommitted {
+    pub order_id: Uuid,
+}
+
+impl Event for StockCommitted {
+    const NAME: &'static str = "catalog.stock_committed.v1";
 }

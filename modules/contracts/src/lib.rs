@@ -7,6 +7,8 @@ use serde::de::DeserializeOwned;
 
 pub mod cart;
 pub mod catalog;
+pub mod checkout;
+pub mod delivery;
 pub mod money;
 
 pub use money::Money;
@@ -26,5 +28,10 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
 
 /// Every event name of every module, for tooling (`colony arch`) and contract tests.
 pub fn all_event_names() -> Vec<&'static str> {
-    catalog::EVENT_NAMES.to_vec()
+    [
+        catalog::EVENT_NAMES,
+        checkout::EVENT_NAMES,
+        delivery::EVENT_NAMES,
+    ]
+    .concat()
 }

@@ -15,7 +15,15 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use colony_contracts::catalog::{
-    PriceChanged, ProductDelisted, ProductDetailsChanged, ProductListed, StockChanged,
+    PriceChanged, ProductDelisted, ProductDetailsChanged, ProductListed, ReservedLine,
+    StockChanged, StockCommitted, StockReleased, StockReservationRejected, StockReserved,
+};
+use colony_contracts::checkout::{
+    Address, CancellationRequested, OrderCancelled, OrderConfirmed, OrderFulfilled, OrderLine,
+    OrderPlaced, OrderRejected,
+};
+use colony_contracts::delivery::{
+    CancellationRefused, ShipmentCancelled, ShipmentCreated, ShipmentDelivered, ShipmentDispatched,
 };
 use colony_contracts::{Event, Money, all_event_names};
 use serde_json::{Map, Value, json};
@@ -54,7 +62,98 @@ fn samples() -> Vec<(&'static str, Value)> {
             available: 1,
         }),
         sample(ProductDelisted { product_id: id }),
+        sample(StockReserved {
+            order_id: id,
+            lines: vec![ReservedLine {
+                product_id: id,
+                quantity: 1,
+            }],
+        }),
+        sample(StockReservationRejected {
+            order_id: id,
+            reason: "out_of_stock".into(),
+            product_ids: vec![id],
+        }),
+        sample(StockReleased { order_id: id }),
+        sample(StockCommitted { order_id: id }),
+        sample(OrderPlaced {
+            order_id: id,
+            customer_id: "c".into(),
+            lines: vec![line()],
+            total: Money::new(1, "EUR"),
+            shipping_address: address(),
+        }),
+        sample(OrderConfirmed {
+            order_id: id,
+            customer_id: "c".into(),
+            lines: vec![line()],
+            total: Money::new(1, "EUR"),
+            shipping_address: address(),
+        }),
+        sample(OrderRejected {
+            order_id: id,
+            customer_id: "c".into(),
+            reason: "out_of_stock".into(),
+        }),
+        sample(CancellationRequested {
+            order_id: id,
+            customer_id: "c".into(),
+        }),
+        sample(OrderCancelled {
+            order_id: id,
+            customer_id: "c".into(),
+            reason: "cancelled_by_customer".into(),
+        }),
+        sample(OrderFulfilled {
+            order_id: id,
+            customer_id: "c".into(),
+        }),
+        sample(ShipmentCreated {
+            shipment_id: id,
+            order_id: id,
+            customer_id: "c".into(),
+        }),
+        sample(ShipmentDispatched {
+            shipment_id: id,
+            order_id: id,
+            customer_id: "c".into(),
+        }),
+        sample(ShipmentDelivered {
+            shipment_id: id,
+            order_id: id,
+            customer_id: "c".into(),
+        }),
+        sample(ShipmentCancelled {
+            shipment_id: id,
+            order_id: id,
+            customer_id: "c".into(),
+        }),
+        sample(CancellationRefused {
+            shipment_id: id,
+            order_id: id,
+            customer_id: "c".into(),
+            reason: "already_dispatched".into(),
+        }),
     ]
+}
+
+fn line() -> OrderLine {
+    OrderLine {
+        product_id: Uuid::nil(),
+        name: "name".into(),
+        quantity: 1,
+        unit_price: Money::new(1, "EUR"),
+    }
+}
+
+fn address() -> Address {
+    Address {
+        name: "name".into(),
+        line1: "line1".into(),
+        city: "city".into(),
+        postal_code: "postal".into(),
+        country: "DE".into(),
+    }
 }
 
 /// The type structure of a JSON value: field names and kinds, not values.

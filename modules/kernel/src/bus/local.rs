@@ -36,6 +36,10 @@ impl Transport for LocalTransport {
         "local"
     }
 
+    fn reaches(&self, source: &str) -> bool {
+        self.sources.contains_key(source)
+    }
+
     fn subscribe(&self, consumer: &str, source: &str) -> Result<Box<dyn Subscription>, BusError> {
         let db = self.sources.get(source).ok_or_else(|| {
             BusError::Transport(format!(

@@ -136,6 +136,8 @@ pub trait Subscription: Send + 'static {
 /// Carries events from producers to consumers.
 pub trait Transport: Send + Sync + 'static {
     fn name(&self) -> &'static str;
+    /// Whether events of `source` can reach this process through this transport.
+    fn reaches(&self, source: &str) -> bool;
     /// Opens or resumes the durable subscription of `consumer` to `source`.
     fn subscribe(&self, consumer: &str, source: &str) -> Result<Box<dyn Subscription>, BusError>;
     /// Whether the transport can carry events right now.

@@ -1,0 +1,2 @@
+DROP TABLE reservation_refusals;
+DROP TABLE reservations;
