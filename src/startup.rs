@@ -59,8 +59,8 @@ impl Application {
                     SwaggerUi::new("/api/docs/{_:.*}").url("/api/openapi.json", openapi.clone()),
                 );
             for m in &shared.modules {
-                let module = m.module.clone();
-                app = app.configure(move |cfg| module.routes(cfg));
+                let (module, ports) = (m.module.clone(), shared.ports.clone());
+                app = app.configure(move |cfg| module.routes(cfg, &ports));
             }
             app.default_service(web::to(|| async {
                 Problem::not_found("not_found", "no resource at this path").to_response()
@@ -141,6 +141,11 @@ fn start_consumers(
                 runtime.metrics.clone(),
             );
             handles.push(tokio::spawn(engine.run(subscription, shutdown.clone())));
+        }
+    }
+    for m in &runtime.modules {
+        for task in m.module.tasks(&runtime.ports, shutdown.clone()) {
+            handles.push(tokio::spawn(task));
         }
     }
     Ok(handles)

@@ -239,3 +239,69 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+pub fn address() -> Value {
+    json!({"name": "Ada Lovelace", "line1": "12 St James's Square", "city": "London", "postal_code": "SW1Y 4JH", "country": "GB"})
+}
+
+impl TestApp {
+    pub async fn place_order(&self, customer: &str, key: &str, token: &str) -> Response {
+        self.client
+            .post(format!("{}/api/v1/checkout/orders", self.address))
+            .bearer_auth(customer)
+            .header("Idempotency-Key", key)
+            .json(&json!({"shipping_address": address(), "payment_token": token}))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Waits until order `id` reaches `status`; returns it.
+    pub async fn order_in(&self, customer: &str, id: &str, status: &str) -> Value {
+        let path = format!("/api/v1/checkout/orders/{id}");
+        eventually(&format!("order {id} to be {status}"), || async {
+            let order: Value = self.get(&path, Some(customer)).await.json().await.ok()?;
+            (order["status"] == status).then_some(order)
+        })
+        .await
+    }
+
+    pub async fn product(&self, id: &str) -> Value {
+        self.get(&format!("/api/v1/catalog/products/{id}"), None)
+            .await
+            .json()
+            .await
+            .expect("product json")
+    }
+
+    /// The customer's notifications as (kind, order id) pairs.
+    pub async fn notifications(&self, customer: &str) -> Vec<(String, String)> {
+        let list: Value = self
+            .get("/api/v1/notifications", Some(customer))
+            .await
+            .json()
+            .await
+            .expect("notifications json");
+        list["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .map(|n| {
+                (
+                    n["kind"].as_str().unwrap_or_default().to_string(),
+                    n["order_id"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    /// The shipment of an order, once delivery has opened it.
+    pub async fn shipment_of(&self, customer: &str, order_id: &str) -> Value {
+        let path = format!("/api/v1/delivery/shipments?order_id={order_id}");
+        eventually(&format!("a shipment for {order_id}"), || async {
+            let list: Value = self.get(&path, Some(customer)).await.json().await.ok()?;
+            list["items"].as_array()?.first().cloned()
+        })
+        .await
+    }
+}

@@ -14,3 +14,4 @@ mod cart;
 mod catalog;
 mod errors;
 mod ops;
+mod story;

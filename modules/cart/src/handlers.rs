@@ -3,6 +3,7 @@
 use contracts::catalog::{
     PriceChanged, ProductDelisted, ProductDetailsChanged, ProductListed, StockChanged,
 };
+use contracts::checkout::OrderConfirmed;
 use kernel::bus::{EventHandler, HandlerError};
 use kernel::{AnyConnection, Envelope};
 
@@ -81,6 +82,21 @@ impl EventHandler for CatalogEvents {
             return changed(conn, e.product_id, changes);
         }
         // Events cart has no use for (or newer versions it does not know yet).
+        Ok(())
+    }
+}
+
+/// Checkout's order events: a confirmed order takes its products out of the cart.
+pub struct CheckoutEvents;
+
+impl EventHandler for CheckoutEvents {
+    fn handle(&self, conn: &mut AnyConnection, event: &Envelope) -> Result<(), HandlerError> {
+        if let Some(confirmed) = event.decode::<OrderConfirmed>() {
+            let order = confirmed?;
+            for line in &order.lines {
+                store::remove_line(conn, &order.customer_id, &line.product_id.to_string())?;
+            }
+        }
         Ok(())
     }
 }

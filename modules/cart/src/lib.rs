@@ -32,7 +32,7 @@ pub const SPEC: ModuleSpec = ModuleSpec {
         sqlite: &SQLITE,
         postgres: &POSTGRES,
     },
-    consumes: &["catalog"],
+    consumes: &["catalog", "checkout"],
     build,
 };
 
@@ -59,16 +59,23 @@ impl Module for Cart {
         MODULE
     }
 
-    fn routes(&self, cfg: &mut web::ServiceConfig) {
+    fn routes(&self, cfg: &mut web::ServiceConfig, _ports: &Ports) {
         http::routes(cfg, self.db.clone());
     }
 
     fn consumers(&self) -> Vec<Consumer> {
-        vec![Consumer {
-            name: MODULE,
-            source: "catalog",
-            handler: Arc::new(handlers::CatalogEvents),
-        }]
+        vec![
+            Consumer {
+                name: MODULE,
+                source: "catalog",
+                handler: Arc::new(handlers::CatalogEvents),
+            },
+            Consumer {
+                name: MODULE,
+                source: "checkout",
+                handler: Arc::new(handlers::CheckoutEvents),
+            },
+        ]
     }
 
     fn provide_ports(&self, ports: &mut Ports) {

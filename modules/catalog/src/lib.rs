@@ -14,7 +14,7 @@ use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::Db;
 use kernel::bus::Consumer;
 use kernel::migrate::Migrations;
-use kernel::module::{Module, ModuleContext, ModuleSpec};
+use kernel::module::{Module, ModuleContext, ModuleSpec, Ports};
 use serde::Deserialize;
 use utoipa::OpenApi;
 
@@ -64,7 +64,7 @@ impl Module for Catalog {
         MODULE
     }
 
-    fn routes(&self, cfg: &mut web::ServiceConfig) {
+    fn routes(&self, cfg: &mut web::ServiceConfig, _ports: &Ports) {
         http::routes(cfg, self.db.clone());
     }
 

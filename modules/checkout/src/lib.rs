@@ -1,13 +1,28 @@
-//! The checkout module. Wired into the binary with its own database and migrations;
-//! its routes and event handlers arrive with the marketplace flow.
+//! The checkout module: orders and the saga that settles them — stock reserved by
+//! catalog, payment through the `PaymentGateway` port, shipment by delivery,
+//! cancellation before dispatch. It reads the cart through the `CartQueries` port.
+
+mod domain;
+mod handlers;
+mod http;
+mod payment;
+mod schema;
+mod store;
+
+use std::sync::Arc;
 
 use actix_web::web;
+use contracts::cart::CartQueries;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::Db;
+use kernel::bus::{BoxFuture, Consumer};
 use kernel::migrate::Migrations;
-use kernel::module::{Module, ModuleContext, ModuleSpec};
+use kernel::module::{Module, ModuleContext, ModuleSpec, Ports};
 use serde::Deserialize;
+use tokio::sync::watch;
 use utoipa::OpenApi;
+
+pub use payment::{PaymentGateway, PaymentSettings};
 
 pub const MODULE: &str = "checkout";
 
@@ -21,25 +36,43 @@ pub const SPEC: ModuleSpec = ModuleSpec {
         sqlite: &SQLITE,
         postgres: &POSTGRES,
     },
-    consumes: &[],
+    consumes: &["catalog", "delivery"],
     build,
 };
 
-/// `modules.checkout` settings besides `database_url` (none yet).
+/// `modules.checkout` settings besides `database_url`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Settings {}
+struct Settings {
+    #[serde(default)]
+    payment: PaymentSettings,
+}
 
 fn build(ctx: ModuleContext) -> anyhow::Result<Box<dyn Module>> {
-    let _: Settings = ctx.settings(MODULE)?;
-    Ok(Box::new(Checkout { _db: ctx.db }))
+    let settings: Settings = ctx.settings(MODULE)?;
+    let test_gateway = Arc::new(payment::TestGateway::new(ctx.db.clone(), &settings.payment));
+    let gateway: Arc<dyn PaymentGateway> = Arc::new(payment::GuardedGateway::new(
+        test_gateway,
+        &settings.payment,
+    ));
+    Ok(Box::new(Checkout {
+        db: ctx.db,
+        gateway,
+    }))
 }
 
 struct Checkout {
-    _db: Db,
+    db: Db,
+    gateway: Arc<dyn PaymentGateway>,
 }
 
 #[derive(OpenApi)]
+#[openapi(paths(
+    http::place_order,
+    http::list_orders,
+    http::get_order,
+    http::cancel_order
+))]
 struct CheckoutApi;
 
 impl Module for Checkout {
@@ -47,7 +80,40 @@ impl Module for Checkout {
         MODULE
     }
 
-    fn routes(&self, _cfg: &mut web::ServiceConfig) {}
+    fn routes(&self, cfg: &mut web::ServiceConfig, ports: &Ports) {
+        let deps = http::Deps {
+            cart: ports.get::<dyn CartQueries>(),
+            gateway: self.gateway.clone(),
+        };
+        http::routes(cfg, self.db.clone(), deps);
+    }
+
+    fn consumers(&self) -> Vec<Consumer> {
+        vec![
+            Consumer {
+                name: MODULE,
+                source: "catalog",
+                handler: Arc::new(handlers::CatalogEvents),
+            },
+            Consumer {
+                name: MODULE,
+                source: "delivery",
+                handler: Arc::new(handlers::DeliveryEvents),
+            },
+        ]
+    }
+
+    fn tasks(
+        &self,
+        _ports: &Ports,
+        shutdown: watch::Receiver<bool>,
+    ) -> Vec<BoxFuture<'static, ()>> {
+        vec![Box::pin(payment::run_worker(
+            self.db.clone(),
+            self.gateway.clone(),
+            shutdown,
+        ))]
+    }
 
     fn openapi(&self) -> utoipa::openapi::OpenApi {
         CheckoutApi::openapi()

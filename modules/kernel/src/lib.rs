@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod migrate;
 pub mod module;
 pub mod outbox;
+pub mod resilience;
 pub mod schema;
 pub mod testing;
 pub mod time;

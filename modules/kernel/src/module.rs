@@ -6,8 +6,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use actix_web::web;
+use tokio::sync::watch;
 
-use crate::bus::Consumer;
+use crate::bus::{BoxFuture, Consumer};
 use crate::db::Db;
 use crate::migrate::Migrations;
 
@@ -41,11 +42,22 @@ impl ModuleContext {
 pub trait Module: Send + Sync {
     fn name(&self) -> &'static str;
 
-    /// Registers the module's HTTP routes (full paths, under `/api/v1/`).
-    fn routes(&self, cfg: &mut web::ServiceConfig);
+    /// Registers the module's HTTP routes (full paths, under `/api/v1/`); `ports`
+    /// holds the query ports of other modules it may call.
+    fn routes(&self, cfg: &mut web::ServiceConfig, ports: &Ports);
 
     /// The events this module consumes, one entry per source module.
     fn consumers(&self) -> Vec<Consumer> {
+        Vec::new()
+    }
+
+    /// Background work of the module (payment steps, a simulated carrier, …), run
+    /// until `shutdown` turns true. `ports` holds every port of this process.
+    fn tasks(
+        &self,
+        _ports: &Ports,
+        _shutdown: watch::Receiver<bool>,
+    ) -> Vec<BoxFuture<'static, ()>> {
         Vec::new()
     }
 

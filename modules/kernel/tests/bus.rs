@@ -302,7 +302,11 @@ async fn a_handler_failing_twice_is_retried_with_growing_delays(test_db: TestDat
     let s = setup(&test_db);
     publish(&s.producer, "k1", 1);
     let handler = Arc::new(Recorder::new("beta").script(1, &[Step::Retry, Step::Retry]));
-    let engine = engine(&s.consumer, handler.clone(), policy());
+    let slower = RetryPolicy {
+        base_delay: Duration::from_millis(100),
+        ..policy()
+    };
+    let engine = engine(&s.consumer, handler.clone(), slower);
     let (stop, stopped) = watch::channel(false);
     let sub = s.transport.subscribe("beta", "alpha").unwrap();
     let running = tokio::spawn(engine.run(sub, stopped));
@@ -317,10 +321,10 @@ async fn a_handler_failing_twice_is_retried_with_growing_delays(test_db: TestDat
     assert_eq!(attempts.len(), 3, "two failures then one success");
     let first_delay = attempts[1] - attempts[0];
     let second_delay = attempts[2] - attempts[1];
-    // base 40 ms with equal jitter: the first wait is 20–40 ms, the second 40–80 ms.
-    assert!(first_delay >= Duration::from_millis(20), "{first_delay:?}");
+    // Base 100 ms: the first wait is 50–90 ms, the second 100–180 ms.
+    assert!(first_delay >= Duration::from_millis(50), "{first_delay:?}");
     assert!(
-        second_delay >= Duration::from_millis(40),
+        second_delay >= Duration::from_millis(100),
         "{second_delay:?}"
     );
     assert!(

@@ -1,13 +1,24 @@
-//! The notification module. Wired into the binary with its own database and migrations;
-//! its routes and event handlers arrive with the marketplace flow.
+//! The notification module: tells customers what happened to their orders, once
+//! per kind per order, on a channel behind the `Sender` trait. A failing channel
+//! stalls only this module's consumer; nothing upstream waits for it.
+
+mod handlers;
+mod http;
+mod schema;
+pub mod sender;
+
+use std::sync::Arc;
 
 use actix_web::web;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::Db;
+use kernel::bus::Consumer;
 use kernel::migrate::Migrations;
-use kernel::module::{Module, ModuleContext, ModuleSpec};
+use kernel::module::{Module, ModuleContext, ModuleSpec, Ports};
 use serde::Deserialize;
 use utoipa::OpenApi;
+
+use crate::sender::{LogSender, Sender, WebhookSender, WebhookSettings};
 
 pub const MODULE: &str = "notification";
 
@@ -21,25 +32,51 @@ pub const SPEC: ModuleSpec = ModuleSpec {
         sqlite: &SQLITE,
         postgres: &POSTGRES,
     },
-    consumes: &[],
+    consumes: &["checkout", "delivery"],
     build,
 };
 
-/// `modules.notification` settings besides `database_url` (none yet).
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum Channel {
+    #[default]
+    Log,
+    Webhook,
+}
+
+/// `modules.notification` settings besides `database_url`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct Settings {}
+struct Settings {
+    #[serde(default)]
+    channel: Channel,
+    webhook: Option<WebhookSettings>,
+}
 
 fn build(ctx: ModuleContext) -> anyhow::Result<Box<dyn Module>> {
-    let _: Settings = ctx.settings(MODULE)?;
-    Ok(Box::new(Notification { _db: ctx.db }))
+    let settings: Settings = ctx.settings(MODULE)?;
+    let sender: Arc<dyn Sender> = match settings.channel {
+        Channel::Log => Arc::new(LogSender),
+        Channel::Webhook => {
+            let webhook = settings.webhook.ok_or_else(|| {
+                anyhow::anyhow!("modules.notification.webhook is required for the webhook channel")
+            })?;
+            Arc::new(WebhookSender::new(
+                &webhook,
+                tokio::runtime::Handle::try_current()?,
+            )?)
+        }
+    };
+    Ok(Box::new(Notification { db: ctx.db, sender }))
 }
 
 struct Notification {
-    _db: Db,
+    db: Db,
+    sender: Arc<dyn Sender>,
 }
 
 #[derive(OpenApi)]
+#[openapi(paths(http::list_notifications))]
 struct NotificationApi;
 
 impl Module for Notification {
@@ -47,7 +84,27 @@ impl Module for Notification {
         MODULE
     }
 
-    fn routes(&self, _cfg: &mut web::ServiceConfig) {}
+    fn routes(&self, cfg: &mut web::ServiceConfig, _ports: &Ports) {
+        http::routes(cfg, self.db.clone());
+    }
+
+    fn consumers(&self) -> Vec<Consumer> {
+        let handler = Arc::new(handlers::Notify {
+            sender: self.sender.clone(),
+        });
+        vec![
+            Consumer {
+                name: MODULE,
+                source: "checkout",
+                handler: handler.clone(),
+            },
+            Consumer {
+                name: MODULE,
+                source: "delivery",
+                handler,
+            },
+        ]
+    }
 
     fn openapi(&self) -> utoipa::openapi::OpenApi {
         NotificationApi::openapi()

@@ -102,7 +102,7 @@ impl ConsumerEngine {
                 match self.attempt(conn, event) {
                     Outcome::Handled => report.handled += 1,
                     Outcome::Failed(HandlerError::Retry(error)) if self.policy.max_attempts > 1 => {
-                        let due = now + self.backoff(1);
+                        let due = failed_at(now) + self.backoff(1);
                         self.defer(conn, event, 1, due, Some(&error))?;
                         blocked.insert(event.aggregate_id.clone());
                         report.retried += 1;
@@ -126,6 +126,11 @@ impl ConsumerEngine {
             Ok::<_, BusError>(report)
         })?;
         self.record(&report);
+        if report.handled > 0 {
+            // Handlers may have published (their outbox rows just committed): wake
+            // this module's consumers as any other committing writer would.
+            self.db.notify_committed();
+        }
         Ok(report)
     }
 
@@ -211,7 +216,8 @@ impl ConsumerEngine {
                     diesel::update(key)
                         .set((
                             colony_deferred::attempts.eq(attempts),
-                            colony_deferred::next_attempt_at.eq(now + self.backoff(attempts)),
+                            colony_deferred::next_attempt_at
+                                .eq(failed_at(now) + self.backoff(attempts)),
                             colony_deferred::last_error.eq(Some(error)),
                         ))
                         .execute(conn)?;
@@ -435,6 +441,12 @@ impl ConsumerEngine {
         });
         handle.await.ok()
     }
+}
+
+/// When an attempt failed: the backoff counts from then, not from the start of
+/// the pass (`now` may also lie ahead when a caller drives passes by hand).
+fn failed_at(now: NaiveDateTime) -> NaiveDateTime {
+    crate::time::now().max(now)
 }
 
 fn encode(event: &Envelope) -> Result<String, BusError> {

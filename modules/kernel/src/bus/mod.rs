@@ -88,17 +88,17 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// Delay before attempt `attempts + 1`: exponential, capped, with "equal jitter"
-    /// (half fixed, half random) so delays grow but replicas do not retry in lockstep.
+    /// Delay before attempt `attempts + 1`: exponential, capped, jittered between
+    /// half and nine tenths of the step, so replicas do not retry in lockstep and
+    /// each delay is still longer than the one before.
     pub fn backoff(&self, attempts: i32) -> Duration {
         let exp = u32::try_from(attempts.saturating_sub(1).clamp(0, 30)).unwrap_or(0);
         let full = self
             .base_delay
             .saturating_mul(2u32.saturating_pow(exp))
             .min(self.max_delay);
-        let half = full / 2;
-        let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
-        half + Duration::from_millis(rand::random_range(0..=jitter_ms))
+        let jitter_ms = u64::try_from((full * 2 / 5).as_millis()).unwrap_or(u64::MAX);
+        full / 2 + Duration::from_millis(rand::random_range(0..=jitter_ms))
     }
 }
 

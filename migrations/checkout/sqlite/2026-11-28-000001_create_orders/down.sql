@@ -1,0 +1,4 @@
+DROP TABLE test_gateway_charges;
+DROP TABLE idempotency_keys;
+DROP TABLE order_lines;
+DROP TABLE orders;

@@ -1,2 +1,0 @@
--- The checkout module's own schema starts here; its tables arrive with its features.
-SELECT 1;

@@ -1,0 +1,2 @@
+DROP TABLE shipment_events;
+DROP TABLE shipments;

@@ -1,2 +1,0 @@
--- The delivery module's own schema starts here; its tables arrive with its features.
-SELECT 1;

@@ -1,0 +1,435 @@
+//! Payment: the `PaymentGateway` port, the built-in test gateway, the guard every
+//! call goes through (timeout, circuit breaker), and the worker that takes the
+//! saga's payment steps outside any database transaction.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::NaiveDateTime;
+use contracts::Money;
+use contracts::checkout::{OrderCancelled, OrderConfirmed, OrderRejected};
+use kernel::bus::BoxFuture;
+use kernel::db::DbError;
+use kernel::resilience::CircuitBreaker;
+use kernel::{AnyConnection, Db};
+use serde::Deserialize;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::domain::{OrderState, Payment};
+use crate::store;
+
+/// A charge to take; `order_id` is its idempotency key at the gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChargeRequest {
+    pub order_id: Uuid,
+    pub amount: Money,
+    pub token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeOutcome {
+    Succeeded,
+    Declined(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GatewayError {
+    #[error("the payment gateway did not answer in time")]
+    Timeout,
+    #[error("the payment gateway is unavailable: {0}")]
+    Unavailable(String),
+    #[error("the payment gateway is failing; calls are paused")]
+    CircuitOpen,
+}
+
+/// A payment service provider. Charges and refunds are idempotent per order: a
+/// step retried after a crash never charges twice.
+pub trait PaymentGateway: Send + Sync {
+    /// Whether `token` is one this gateway can charge (checked at placement).
+    fn accepts(&self, token: &str) -> bool;
+    fn charge(&self, request: ChargeRequest) -> BoxFuture<'_, Result<ChargeOutcome, GatewayError>>;
+    fn refund(&self, order_id: Uuid) -> BoxFuture<'_, Result<(), GatewayError>>;
+}
+
+/// `modules.checkout.payment` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentSettings {
+    /// Simulated latency of the test gateway, per call.
+    pub latency_ms: u64,
+    /// Share of test gateway calls that fail as if the provider were down (0–1).
+    pub failure_rate: f64,
+    /// Longest wait for the gateway before a call counts as failed.
+    pub timeout_ms: u64,
+    /// Consecutive failures that open the circuit, and how long it stays open.
+    pub breaker_failures: u32,
+    pub breaker_cooldown_ms: u64,
+}
+
+impl Default for PaymentSettings {
+    fn default() -> Self {
+        Self {
+            latency_ms: 0,
+            failure_rate: 0.0,
+            timeout_ms: 5_000,
+            breaker_failures: 5,
+            breaker_cooldown_ms: 5_000,
+        }
+    }
+}
+
+/// The built-in gateway: `tok_ok` succeeds, `tok_decline` is declined. It keeps
+/// its own ledger (one charge per order, ever) as a real provider would.
+pub struct TestGateway {
+    db: Db,
+    latency: Duration,
+    failure_rate: f64,
+}
+
+impl TestGateway {
+    pub fn new(db: Db, settings: &PaymentSettings) -> Self {
+        Self {
+            db,
+            latency: Duration::from_millis(settings.latency_ms),
+            failure_rate: settings.failure_rate.clamp(0.0, 1.0),
+        }
+    }
+
+    async fn simulate(&self) -> Result<(), GatewayError> {
+        if !self.latency.is_zero() {
+            tokio::time::sleep(self.latency).await;
+        }
+        if self.failure_rate > 0.0 && rand::random::<f64>() < self.failure_rate {
+            return Err(GatewayError::Unavailable(
+                "simulated provider failure".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn ledger_error(e: DbError) -> GatewayError {
+    GatewayError::Unavailable(e.to_string())
+}
+
+impl PaymentGateway for TestGateway {
+    fn accepts(&self, token: &str) -> bool {
+        matches!(token, "tok_ok" | "tok_decline")
+    }
+
+    fn charge(&self, request: ChargeRequest) -> BoxFuture<'_, Result<ChargeOutcome, GatewayError>> {
+        Box::pin(async move {
+            self.simulate().await?;
+            self.db
+                .write(move |conn| charge_once(conn, &request))
+                .await
+                .map_err(ledger_error)
+        })
+    }
+
+    fn refund(&self, order_id: Uuid) -> BoxFuture<'_, Result<(), GatewayError>> {
+        Box::pin(async move {
+            self.simulate().await?;
+            self.db
+                .write(move |conn| {
+                    use crate::schema::test_gateway_charges as c;
+                    use diesel::prelude::*;
+                    diesel::update(c::table.find(order_id.to_string()))
+                        .set(c::refunded.eq(true))
+                        .execute(conn)?;
+                    Ok::<_, DbError>(())
+                })
+                .await
+                .map_err(ledger_error)
+        })
+    }
+}
+
+/// The ledger entry of the order's charge, created on the first call only.
+fn charge_once(
+    conn: &mut AnyConnection,
+    request: &ChargeRequest,
+) -> Result<ChargeOutcome, DbError> {
+    use crate::schema::test_gateway_charges as c;
+    use diesel::prelude::*;
+    let id = request.order_id.to_string();
+    let existing: Option<String> = c::table
+        .find(&id)
+        .select(c::outcome)
+        .first(conn)
+        .optional()?;
+    let outcome = match existing {
+        Some(outcome) => outcome,
+        None => {
+            let outcome = if request.token == "tok_ok" {
+                "succeeded"
+            } else {
+                "declined"
+            };
+            diesel::insert_into(c::table)
+                .values((
+                    c::order_id.eq(&id),
+                    c::amount_minor.eq(request.amount.amount_minor),
+                    c::currency.eq(&request.amount.currency),
+                    c::outcome.eq(outcome),
+                    c::refunded.eq(false),
+                    c::created_at.eq(kernel::time::now()),
+                ))
+                .execute(conn)?;
+            outcome.to_string()
+        }
+    };
+    Ok(if outcome == "succeeded" {
+        ChargeOutcome::Succeeded
+    } else {
+        ChargeOutcome::Declined("the card was declined".into())
+    })
+}
+
+/// Every gateway call goes through here: bounded in time, and failed fast while
+/// the gateway keeps failing.
+pub struct GuardedGateway {
+    inner: Arc<dyn PaymentGateway>,
+    timeout: Duration,
+    breaker: CircuitBreaker,
+}
+
+impl GuardedGateway {
+    pub fn new(inner: Arc<dyn PaymentGateway>, settings: &PaymentSettings) -> Self {
+        Self {
+            inner,
+            timeout: Duration::from_millis(settings.timeout_ms.max(1)),
+            breaker: CircuitBreaker::new(
+                settings.breaker_failures,
+                Duration::from_millis(settings.breaker_cooldown_ms),
+            ),
+        }
+    }
+
+    async fn guard<T>(
+        &self,
+        call: BoxFuture<'_, Result<T, GatewayError>>,
+    ) -> Result<T, GatewayError> {
+        if !self.breaker.allow() {
+            return Err(GatewayError::CircuitOpen);
+        }
+        let result = match tokio::time::timeout(self.timeout, call).await {
+            Ok(result) => result,
+            Err(_) => Err(GatewayError::Timeout),
+        };
+        match &result {
+            Ok(_) => self.breaker.record_success(),
+            Err(_) => self.breaker.record_failure(),
+        }
+        result
+    }
+}
+
+impl PaymentGateway for GuardedGateway {
+    fn accepts(&self, token: &str) -> bool {
+        self.inner.accepts(token)
+    }
+
+    fn charge(&self, request: ChargeRequest) -> BoxFuture<'_, Result<ChargeOutcome, GatewayError>> {
+        Box::pin(self.guard(self.inner.charge(request)))
+    }
+
+    fn refund(&self, order_id: Uuid) -> BoxFuture<'_, Result<(), GatewayError>> {
+        Box::pin(self.guard(self.inner.refund(order_id)))
+    }
+}
+
+/// How long a replica keeps a claimed payment step before another may take it.
+const LEASE: chrono::Duration = chrono::Duration::seconds(30);
+const POLL: Duration = Duration::from_secs(1);
+
+/// Takes due payment steps (charges after reservation, refunds after a cancelled
+/// shipment) until `shutdown`. Each step: claim (a short transaction), call the
+/// gateway (no transaction open), record the outcome and publish (a transaction).
+pub async fn run_worker(
+    db: Db,
+    gateway: Arc<dyn PaymentGateway>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut commits = db.commits();
+    while !*shutdown.borrow() {
+        let wait = match take_due_steps(&db, gateway.as_ref()).await {
+            Ok(Some(next)) => (next - kernel::time::now())
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+                .min(POLL),
+            Ok(None) => POLL,
+            Err(e) => {
+                tracing::warn!(error = %e, "payment worker could not read due steps");
+                POLL
+            }
+        };
+        if wait.is_zero() {
+            continue;
+        }
+        tokio::select! {
+            _ = commits.changed() => {}
+            () = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Runs every step due now; returns when the next one falls due.
+async fn take_due_steps(
+    db: &Db,
+    gateway: &dyn PaymentGateway,
+) -> Result<Option<NaiveDateTime>, DbError> {
+    let now = kernel::time::now();
+    let due = db
+        .read(move |conn| store::payments_due(conn, now, 64).map_err(DbError::from))
+        .await?;
+    for id in due {
+        if let Err(e) = take_step(db, gateway, &id).await {
+            tracing::warn!(order.id = %id, error = %e, "payment step failed");
+        }
+    }
+    db.read(|conn| store::next_payment_due(conn).map_err(DbError::from))
+        .await
+}
+
+#[tracing::instrument(skip_all, fields(order.id = %id))]
+async fn take_step(db: &Db, gateway: &dyn PaymentGateway, id: &str) -> Result<(), DbError> {
+    let claim_id = id.to_string();
+    let order = db
+        .write(move |conn| {
+            let now = kernel::time::now();
+            if !store::claim_payment(conn, &claim_id, now, now + LEASE)? {
+                return Ok(None);
+            }
+            store::find(conn, &claim_id).map_err(DbError::from)
+        })
+        .await?;
+    let Some(order) = order else {
+        return Ok(());
+    };
+    let order_id = Uuid::parse_str(&order.id).unwrap_or_default();
+    match order.state().payment {
+        Payment::ChargeDue => {
+            let request = ChargeRequest {
+                order_id,
+                amount: Money::new(order.total_minor, order.currency.clone()),
+                token: order.payment_token.clone(),
+            };
+            match gateway.charge(request).await {
+                Ok(outcome) => record(db, &order.id, Step::Charge(outcome)).await,
+                Err(e) => retry_later(db, &order, &e).await,
+            }
+        }
+        Payment::RefundDue => match gateway.refund(order_id).await {
+            Ok(()) => record(db, &order.id, Step::Refund).await,
+            Err(e) => retry_later(db, &order, &e).await,
+        },
+        // Nothing due (already settled): stop asking.
+        _ => {
+            let id = order.id.clone();
+            db.write(move |conn| {
+                let Some(order) = store::lock(conn, &id)? else {
+                    return Ok(());
+                };
+                store::save_state(conn, &id, order.state(), None, kernel::time::now())
+                    .map_err(DbError::from)
+            })
+            .await
+        }
+    }
+}
+
+enum Step {
+    Charge(ChargeOutcome),
+    Refund,
+}
+
+/// Applies a gateway result to the order and publishes what follows from it.
+async fn record(db: &Db, id: &str, step: Step) -> Result<(), DbError> {
+    let id = id.to_string();
+    db.write(move |conn| {
+        let Some(order) = store::lock(conn, &id)? else {
+            return Ok(());
+        };
+        let state = order.state();
+        let next = match &step {
+            Step::Charge(ChargeOutcome::Succeeded) => state.charged(),
+            Step::Charge(ChargeOutcome::Declined(_)) => state.declined(),
+            Step::Refund => state.refunded(),
+        };
+        let Some(next) = next else {
+            // Settled meanwhile (a concurrent step): keep what is there.
+            return store::save_state(conn, &id, state, None, kernel::time::now())
+                .map_err(DbError::from);
+        };
+        store::save_state(conn, &id, next, None, kernel::time::now())?;
+        publish_outcome(conn, &order, next)?;
+        tracing::info!(status = next.status.as_str(), "payment step recorded");
+        Ok(())
+    })
+    .await
+}
+
+fn publish_outcome(
+    conn: &mut AnyConnection,
+    order: &store::OrderRow,
+    next: OrderState,
+) -> Result<(), DbError> {
+    let publisher = order.publisher();
+    let order_id = Uuid::parse_str(&order.id).unwrap_or_default();
+    let customer_id = order.customer_id.clone();
+    match next.status {
+        crate::domain::Status::Confirmed => {
+            let lines = store::lines(conn, &order.id)?;
+            let event = OrderConfirmed {
+                order_id,
+                customer_id,
+                lines: crate::http::contract_lines(&lines),
+                total: Money::new(order.total_minor, order.currency.clone()),
+                shipping_address: crate::http::address_of(order),
+            };
+            publisher.publish(conn, &order.id, &event)?;
+        }
+        crate::domain::Status::Rejected => {
+            let event = OrderRejected {
+                order_id,
+                customer_id,
+                reason: next
+                    .reason
+                    .unwrap_or(crate::domain::PAYMENT_DECLINED)
+                    .to_string(),
+            };
+            publisher.publish(conn, &order.id, &event)?;
+        }
+        crate::domain::Status::Cancelled => {
+            let event = OrderCancelled {
+                order_id,
+                customer_id,
+                reason: crate::domain::CANCELLED_BY_CUSTOMER.to_string(),
+            };
+            publisher.publish(conn, &order.id, &event)?;
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// A failed gateway call: the step comes again after a growing delay.
+async fn retry_later(
+    db: &Db,
+    order: &store::OrderRow,
+    error: &GatewayError,
+) -> Result<(), DbError> {
+    let attempts = u32::try_from(order.payment_attempts.max(0)).unwrap_or(0);
+    let delay_ms = 200u64
+        .saturating_mul(2u64.saturating_pow(attempts.min(8)))
+        .min(30_000);
+    let due = kernel::time::now()
+        + chrono::Duration::milliseconds(i64::try_from(delay_ms).unwrap_or(30_000));
+    tracing::warn!(error = %error, attempts = attempts + 1, "payment step will be retried");
+    let (id, message) = (order.id.clone(), error.to_string());
+    db.write(move |conn| store::payment_failed(conn, &id, &message, due).map_err(DbError::from))
+        .await
+}

@@ -1,0 +1,250 @@
+//! Checkout tables and queries; functions take a connection so the caller owns
+//! the transaction.
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use kernel::AnyConnection;
+
+use crate::domain::{OrderState, Payment, Shipment, Status};
+use crate::schema::{idempotency_keys, order_lines, orders};
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = orders)]
+pub struct OrderRow {
+    pub id: String,
+    pub customer_id: String,
+    pub status: String,
+    pub reason: Option<String>,
+    pub total_minor: i64,
+    pub currency: String,
+    pub shipping_name: String,
+    pub shipping_line1: String,
+    pub shipping_city: String,
+    pub shipping_postal_code: String,
+    pub shipping_country: String,
+    pub payment_token: String,
+    pub payment_state: String,
+    pub payment_attempts: i32,
+    pub payment_due_at: Option<NaiveDateTime>,
+    pub payment_error: Option<String>,
+    pub shipment_state: String,
+    pub cancel_requested: bool,
+    pub correlation_id: String,
+    pub traceparent: Option<String>,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+impl OrderRow {
+    /// A publisher for events of this order that continues its saga's trace.
+    pub fn publisher(&self) -> kernel::outbox::Publisher {
+        let correlation =
+            uuid::Uuid::parse_str(&self.correlation_id).unwrap_or_else(|_| uuid::Uuid::now_v7());
+        let trace = self
+            .traceparent
+            .as_deref()
+            .and_then(kernel::trace::TraceContext::parse)
+            .map(|t| t.child());
+        kernel::outbox::Publisher::new(crate::MODULE, correlation, trace)
+    }
+
+    /// The saga state of this row (unknown values read as the safest state).
+    pub fn state(&self) -> OrderState {
+        OrderState {
+            status: Status::parse(&self.status).unwrap_or(Status::Pending),
+            reason: self.reason.as_deref().and_then(|r| {
+                [
+                    crate::domain::OUT_OF_STOCK,
+                    crate::domain::PAYMENT_DECLINED,
+                    crate::domain::CANCELLED_BY_CUSTOMER,
+                ]
+                .into_iter()
+                .find(|known| *known == r)
+            }),
+            payment: Payment::parse(&self.payment_state).unwrap_or(Payment::None),
+            shipment: Shipment::parse(&self.shipment_state).unwrap_or(Shipment::None),
+            cancel_requested: self.cancel_requested,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = order_lines)]
+pub struct LineRow {
+    pub order_id: String,
+    pub product_id: String,
+    pub name: String,
+    pub quantity: i64,
+    pub unit_price_minor: i64,
+    pub currency: String,
+}
+
+pub fn insert_order(
+    conn: &mut AnyConnection,
+    order: &OrderRow,
+    lines: &[LineRow],
+) -> QueryResult<()> {
+    diesel::insert_into(orders::table)
+        .values(order)
+        .execute(conn)?;
+    for line in lines {
+        diesel::insert_into(order_lines::table)
+            .values(line)
+            .execute(conn)?;
+    }
+    Ok(())
+}
+
+pub fn find(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<OrderRow>> {
+    orders::table
+        .find(id)
+        .select(OrderRow::as_select())
+        .first(conn)
+        .optional()
+}
+
+/// Reads an order for change, holding its row lock until the transaction ends.
+pub fn lock(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<OrderRow>> {
+    let touched = diesel::update(orders::table.find(id))
+        .set(orders::id.eq(orders::id))
+        .execute(conn)?;
+    if touched == 0 {
+        return Ok(None);
+    }
+    find(conn, id)
+}
+
+pub fn lines(conn: &mut AnyConnection, order_id: &str) -> QueryResult<Vec<LineRow>> {
+    order_lines::table
+        .filter(order_lines::order_id.eq(order_id))
+        .order(order_lines::product_id.asc())
+        .select(LineRow::as_select())
+        .load(conn)
+}
+
+/// A customer's orders, newest first (at most `limit`).
+pub fn of_customer(
+    conn: &mut AnyConnection,
+    customer_id: &str,
+    limit: i64,
+) -> QueryResult<Vec<OrderRow>> {
+    orders::table
+        .filter(orders::customer_id.eq(customer_id))
+        .order((orders::created_at.desc(), orders::id.desc()))
+        .limit(limit)
+        .select(OrderRow::as_select())
+        .load(conn)
+}
+
+/// Writes the saga state of an order.
+pub fn save_state(
+    conn: &mut AnyConnection,
+    id: &str,
+    state: OrderState,
+    payment_due_at: Option<NaiveDateTime>,
+    now: NaiveDateTime,
+) -> QueryResult<()> {
+    diesel::update(orders::table.find(id))
+        .set((
+            orders::status.eq(state.status.as_str()),
+            orders::reason.eq(state.reason),
+            orders::payment_state.eq(state.payment.as_str()),
+            orders::payment_due_at.eq(payment_due_at),
+            orders::shipment_state.eq(state.shipment.as_str()),
+            orders::cancel_requested.eq(state.cancel_requested),
+            orders::updated_at.eq(now),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Orders whose payment step is due, oldest due first.
+pub fn payments_due(
+    conn: &mut AnyConnection,
+    now: NaiveDateTime,
+    limit: i64,
+) -> QueryResult<Vec<String>> {
+    orders::table
+        .filter(orders::payment_due_at.le(now))
+        .order(orders::payment_due_at.asc())
+        .limit(limit)
+        .select(orders::id)
+        .load(conn)
+}
+
+/// When the next payment step falls due, if any.
+pub fn next_payment_due(conn: &mut AnyConnection) -> QueryResult<Option<NaiveDateTime>> {
+    orders::table
+        .select(diesel::dsl::min(orders::payment_due_at))
+        .first(conn)
+}
+
+/// Takes the payment step of `id` for `lease` (no other replica will), if due.
+pub fn claim_payment(
+    conn: &mut AnyConnection,
+    id: &str,
+    now: NaiveDateTime,
+    until: NaiveDateTime,
+) -> QueryResult<bool> {
+    let claimed = diesel::update(
+        orders::table
+            .find(id)
+            .filter(orders::payment_due_at.le(now)),
+    )
+    .set(orders::payment_due_at.eq(Some(until)))
+    .execute(conn)?;
+    Ok(claimed == 1)
+}
+
+/// A failed payment step: try again at `due`.
+pub fn payment_failed(
+    conn: &mut AnyConnection,
+    id: &str,
+    error: &str,
+    due: NaiveDateTime,
+) -> QueryResult<()> {
+    diesel::update(orders::table.find(id))
+        .set((
+            orders::payment_attempts.eq(orders::payment_attempts + 1),
+            orders::payment_error.eq(Some(error)),
+            orders::payment_due_at.eq(Some(due)),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = idempotency_keys)]
+pub struct IdempotencyRow {
+    pub customer_id: String,
+    pub idempotency_key: String,
+    pub fingerprint: String,
+    pub order_id: String,
+    pub created_at: NaiveDateTime,
+}
+
+pub fn find_key(
+    conn: &mut AnyConnection,
+    customer_id: &str,
+    key: &str,
+) -> QueryResult<Option<IdempotencyRow>> {
+    idempotency_keys::table
+        .find((customer_id, key))
+        .select(IdempotencyRow::as_select())
+        .first(conn)
+        .optional()
+}
+
+pub fn insert_key(conn: &mut AnyConnection, row: &IdempotencyRow) -> QueryResult<()> {
+    diesel::insert_into(idempotency_keys::table)
+        .values(row)
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn is_unique_violation(e: &diesel::result::Error) -> bool {
+    matches!(
+        e,
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
+    )
+}

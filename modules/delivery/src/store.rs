@@ -1,0 +1,132 @@
+//! Delivery tables and queries; functions take a connection so the caller owns
+//! the transaction.
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use kernel::AnyConnection;
+
+use crate::schema::{shipment_events, shipments};
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(table_name = shipments)]
+pub struct ShipmentRow {
+    pub id: String,
+    pub order_id: String,
+    pub customer_id: String,
+    pub status: String,
+    pub name: String,
+    pub line1: String,
+    pub city: String,
+    pub postal_code: String,
+    pub country: String,
+    pub created_at: NaiveDateTime,
+    pub updated_at: NaiveDateTime,
+}
+
+pub fn insert(conn: &mut AnyConnection, row: &ShipmentRow) -> QueryResult<()> {
+    diesel::insert_into(shipments::table)
+        .values(row)
+        .execute(conn)?;
+    record_event(conn, &row.id, &row.status, row.created_at)
+}
+
+pub fn record_event(
+    conn: &mut AnyConnection,
+    shipment_id: &str,
+    status: &str,
+    at: NaiveDateTime,
+) -> QueryResult<()> {
+    diesel::insert_into(shipment_events::table)
+        .values((
+            shipment_events::shipment_id.eq(shipment_id),
+            shipment_events::status.eq(status),
+            shipment_events::at.eq(at),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+pub fn find(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<ShipmentRow>> {
+    shipments::table
+        .find(id)
+        .select(ShipmentRow::as_select())
+        .first(conn)
+        .optional()
+}
+
+pub fn of_order(conn: &mut AnyConnection, order_id: &str) -> QueryResult<Option<ShipmentRow>> {
+    shipments::table
+        .filter(shipments::order_id.eq(order_id))
+        .select(ShipmentRow::as_select())
+        .first(conn)
+        .optional()
+}
+
+/// Reads a shipment for change, holding its row lock until the transaction ends.
+pub fn lock(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<ShipmentRow>> {
+    let touched = diesel::update(shipments::table.find(id))
+        .set(shipments::id.eq(shipments::id))
+        .execute(conn)?;
+    if touched == 0 {
+        return Ok(None);
+    }
+    find(conn, id)
+}
+
+pub fn set_status(
+    conn: &mut AnyConnection,
+    id: &str,
+    status: &str,
+    now: NaiveDateTime,
+) -> QueryResult<()> {
+    diesel::update(shipments::table.find(id))
+        .set((shipments::status.eq(status), shipments::updated_at.eq(now)))
+        .execute(conn)?;
+    record_event(conn, id, status, now)
+}
+
+/// Shipments, newest first, of one customer (or all for `None`), optionally of one order.
+pub fn list(
+    conn: &mut AnyConnection,
+    customer_id: Option<&str>,
+    order_id: Option<&str>,
+) -> QueryResult<Vec<ShipmentRow>> {
+    let mut query = shipments::table
+        .order((shipments::created_at.desc(), shipments::id.desc()))
+        .limit(100)
+        .select(ShipmentRow::as_select())
+        .into_boxed();
+    if let Some(customer) = customer_id {
+        query = query.filter(shipments::customer_id.eq(customer.to_string()));
+    }
+    if let Some(order) = order_id {
+        query = query.filter(shipments::order_id.eq(order.to_string()));
+    }
+    query.load(conn)
+}
+
+pub fn events(
+    conn: &mut AnyConnection,
+    shipment_id: &str,
+) -> QueryResult<Vec<(String, NaiveDateTime)>> {
+    shipment_events::table
+        .filter(shipment_events::shipment_id.eq(shipment_id))
+        .order(shipment_events::at.asc())
+        .select((shipment_events::status, shipment_events::at))
+        .load(conn)
+}
+
+/// Shipments in `status` not changed since `before`, oldest first.
+pub fn idle_since(
+    conn: &mut AnyConnection,
+    status: &str,
+    before: NaiveDateTime,
+) -> QueryResult<Vec<String>> {
+    shipments::table
+        .filter(shipments::status.eq(status))
+        .filter(shipments::updated_at.le(before))
+        .order(shipments::updated_at.asc())
+        .limit(100)
+        .select(shipments::id)
+        .load(conn)
+}
