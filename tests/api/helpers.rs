@@ -41,7 +41,17 @@ pub async fn spawn_app(db: TestDatabase) -> TestApp {
 }
 
 pub async fn spawn_modules(db: TestDatabase, specs: Vec<ModuleSpec>) -> TestApp {
-    let settings = test_settings(&db);
+    spawn_with(db, specs, |_| {}).await
+}
+
+/// Starts colony with `specs` on `db`, after `adjust` changed the test settings.
+pub async fn spawn_with(
+    db: TestDatabase,
+    specs: Vec<ModuleSpec>,
+    adjust: impl FnOnce(&mut Settings),
+) -> TestApp {
+    let mut settings = test_settings(&db);
+    adjust(&mut settings);
     let auth = Authenticator::new(&settings.auth.jwt_secret);
     let app = Application::build(settings, specs)
         .await

@@ -13,5 +13,6 @@ mod helpers;
 mod cart;
 mod catalog;
 mod errors;
+mod notify;
 mod ops;
 mod story;
