@@ -266,7 +266,121 @@ async fn a_refused_notification_is_parked_and_the_rest_flow(db: TestDatabase) {
     server.stop(true).await;
 }
 
+/// A real SMTP server on loopback (Python's aiosmtpd), printing what it receives.
+struct SmtpServer {
+    child: std::process::Child,
+    port: u16,
+    received: Arc<Mutex<String>>,
+}
+
+impl SmtpServer {
+    fn start() -> Self {
+        use std::io::BufRead;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-u",
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("python3 runs (the SMTP test needs `pip install aiosmtpd`)");
+        let stdout = child.stdout.take().unwrap();
+        let received = Arc::new(Mutex::new(String::new()));
+        let sink = received.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                let mut all = sink.lock().unwrap();
+                all.push_str(&line);
+                all.push('\n');
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("aiosmtpd exited ({status}); install it with `pip install aiosmtpd`");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "aiosmtpd did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            port,
+            received,
+        }
+    }
+}
+
+impl Drop for SmtpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn the_smtp_channel_mails_the_customer(db: TestDatabase) {
+    let smtp = SmtpServer::start();
+    let port = smtp.port;
+    let app = spawn_with(db, colony::registry::ALL.to_vec(), move |s| {
+        s.modules.insert(
+            "notification".into(),
+            json!({"channel": "smtp", "smtp": {"host": "127.0.0.1", "port": port, "from": "shop@colony.test", "recipient_domain": "customers.test"}}),
+        );
+    })
+    .await;
+    let tea = app.create_product(&app.seller(), "TEA-1", 450, 5).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mia = app.token("mia", Role::Customer);
+    assert_eq!(app.put_in_cart(&mia, &tea, 1).await.status(), 200);
+    let order: Value = app
+        .place_order(&mia, "k", "tok_ok")
+        .await
+        .json()
+        .await
+        .unwrap();
+    let order_id = order["id"].as_str().unwrap().to_string();
+    eventually("the mail to arrive", || async {
+        let mail = smtp.received.lock().unwrap().clone();
+        mail.contains("Subject: Your order is confirmed")
+            .then_some(())
+    })
+    .await;
+    let mail = smtp.received.lock().unwrap().clone();
+    assert!(mail.contains("To: mia@customers.test"), "{mail}");
+    assert!(mail.contains("From: shop@colony.test"), "{mail}");
+    assert_eq!(
+        app.notifications(&mia).await,
+        vec![("order_confirmed".to_string(), order_id)]
+    );
+    let listed: Value = app
+        .get("/api/v1/notifications", Some(&mia))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["items"][0]["channel"], "smtp");
+    app.stop().await;
+}
+
 on_both_backends!(
     orders_confirm_while_the_channel_is_down_and_notifications_arrive_once_after,
     a_refused_notification_is_parked_and_the_rest_flow,
+    the_smtp_channel_mails_the_customer,
 );

@@ -18,7 +18,7 @@ use kernel::module::{Module, ModuleContext, ModuleSpec, Ports};
 use serde::Deserialize;
 use utoipa::OpenApi;
 
-use crate::sender::{LogSender, Sender, WebhookSender, WebhookSettings};
+use crate::sender::{LogSender, Sender, SmtpSender, SmtpSettings, WebhookSender, WebhookSettings};
 
 pub const MODULE: &str = "notification";
 
@@ -41,6 +41,7 @@ pub const SPEC: ModuleSpec = ModuleSpec {
 enum Channel {
     #[default]
     Log,
+    Smtp,
     Webhook,
 }
 
@@ -50,6 +51,7 @@ enum Channel {
 struct Settings {
     #[serde(default)]
     channel: Channel,
+    smtp: Option<SmtpSettings>,
     webhook: Option<WebhookSettings>,
 }
 
@@ -57,6 +59,12 @@ fn build(ctx: ModuleContext) -> anyhow::Result<Box<dyn Module>> {
     let settings: Settings = ctx.settings(MODULE)?;
     let sender: Arc<dyn Sender> = match settings.channel {
         Channel::Log => Arc::new(LogSender),
+        Channel::Smtp => {
+            let smtp = settings.smtp.ok_or_else(|| {
+                anyhow::anyhow!("modules.notification.smtp is required for the smtp channel")
+            })?;
+            Arc::new(SmtpSender::new(&smtp)?)
+        }
         Channel::Webhook => {
             let webhook = settings.webhook.ok_or_else(|| {
                 anyhow::anyhow!("modules.notification.webhook is required for the webhook channel")

@@ -1,5 +1,5 @@
-//! Channels a notification goes out on, behind the `Sender` trait: `log` (default)
-//! and `webhook` (a signed JSON POST). A channel's failure is the notification
+//! Channels a notification goes out on, behind the `Sender` trait: `log` (default),
+//! `smtp` (an email) and `webhook` (a signed JSON POST). A channel's failure is the notification
 //! module's alone: its consumer retries with backoff and parks what is refused.
 
 use std::time::Duration;
@@ -53,6 +53,78 @@ impl Sender for LogSender {
             "notification sent"
         );
         Ok(())
+    }
+}
+
+/// `modules.notification.smtp` settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpSettings {
+    pub host: String,
+    #[serde(default = "default_smtp_port")]
+    pub port: u16,
+    /// The sender address, e.g. `shop@example.com`.
+    pub from: String,
+    /// Customers are known by id: mail goes to `<id>@<recipient_domain>`.
+    pub recipient_domain: String,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_smtp_port() -> u16 {
+    25
+}
+
+/// Sends each notification as a plain-text email over SMTP (no TLS in this build:
+/// use a relay on the same host or a private network).
+pub struct SmtpSender {
+    from: lettre::message::Mailbox,
+    recipient_domain: String,
+    transport: lettre::SmtpTransport,
+}
+
+impl SmtpSender {
+    pub fn new(settings: &SmtpSettings) -> anyhow::Result<Self> {
+        let transport = lettre::SmtpTransport::builder_dangerous(&settings.host)
+            .port(settings.port)
+            .timeout(Some(Duration::from_millis(settings.timeout_ms.max(1))))
+            .build();
+        Ok(Self {
+            from: settings.from.parse()?,
+            recipient_domain: settings.recipient_domain.clone(),
+            transport,
+        })
+    }
+}
+
+impl Sender for SmtpSender {
+    fn channel(&self) -> &'static str {
+        "smtp"
+    }
+
+    fn send(&self, message: &Message) -> Result<(), SendError> {
+        use lettre::Transport;
+        let to: lettre::message::Mailbox =
+            format!("{}@{}", message.customer_id, self.recipient_domain)
+                .parse()
+                .map_err(|e| {
+                    SendError::Refused(format!(
+                        "no usable address for {}: {e}",
+                        message.customer_id
+                    ))
+                })?;
+        let email = lettre::Message::builder()
+            .from(self.from.clone())
+            .to(to)
+            .subject(&message.subject)
+            .message_id(Some(format!("<{}@colony>", message.id)))
+            .body(message.body.clone())
+            .map_err(|e| SendError::Refused(e.to_string()))?;
+        match self.transport.send(&email) {
+            Ok(_) => Ok(()),
+            Err(e) if e.is_permanent() => Err(SendError::Refused(e.to_string())),
+            Err(e) => Err(SendError::Transient(e.to_string())),
+        }
     }
 }
 
