@@ -12,6 +12,7 @@ mod helpers;
 
 mod cart;
 mod catalog;
+mod crash;
 mod errors;
 mod notify;
 mod ops;

@@ -58,12 +58,14 @@ fn build(ctx: ModuleContext) -> anyhow::Result<Box<dyn Module>> {
     Ok(Box::new(Checkout {
         db: ctx.db,
         gateway,
+        lease: payment::lease_for(&settings.payment),
     }))
 }
 
 struct Checkout {
     db: Db,
     gateway: Arc<dyn PaymentGateway>,
+    lease: chrono::Duration,
 }
 
 #[derive(OpenApi)]
@@ -111,6 +113,7 @@ impl Module for Checkout {
         vec![Box::pin(payment::run_worker(
             self.db.clone(),
             self.gateway.clone(),
+            self.lease,
             shutdown,
         ))]
     }

@@ -240,9 +240,16 @@ impl PaymentGateway for GuardedGateway {
     }
 }
 
-/// How long a replica keeps a claimed payment step before another may take it.
-const LEASE: chrono::Duration = chrono::Duration::seconds(30);
 const POLL: Duration = Duration::from_secs(1);
+
+/// How long a claimed payment step stays with the process that took it: longer than
+/// its gateway call may last, so only a process that died loses it (and then the
+/// step is taken again once the lease runs out).
+pub fn lease_for(settings: &PaymentSettings) -> chrono::Duration {
+    chrono::Duration::milliseconds(
+        i64::try_from(settings.timeout_ms.saturating_mul(2)).unwrap_or(i64::MAX / 2) + 1_000,
+    )
+}
 
 /// Takes due payment steps (charges after reservation, refunds after a cancelled
 /// shipment) until `shutdown`. Each step: claim (a short transaction), call the
@@ -250,11 +257,12 @@ const POLL: Duration = Duration::from_secs(1);
 pub async fn run_worker(
     db: Db,
     gateway: Arc<dyn PaymentGateway>,
+    lease: chrono::Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut commits = db.commits();
     while !*shutdown.borrow() {
-        let wait = match take_due_steps(&db, gateway.as_ref()).await {
+        let wait = match take_due_steps(&db, gateway.as_ref(), lease).await {
             Ok(Some(next)) => (next - kernel::time::now())
                 .to_std()
                 .unwrap_or(Duration::ZERO)
@@ -280,13 +288,14 @@ pub async fn run_worker(
 async fn take_due_steps(
     db: &Db,
     gateway: &dyn PaymentGateway,
+    lease: chrono::Duration,
 ) -> Result<Option<NaiveDateTime>, DbError> {
     let now = kernel::time::now();
     let due = db
         .read(move |conn| store::payments_due(conn, now, 64).map_err(DbError::from))
         .await?;
     for id in due {
-        if let Err(e) = take_step(db, gateway, &id).await {
+        if let Err(e) = take_step(db, gateway, &id, lease).await {
             tracing::warn!(order.id = %id, error = %e, "payment step failed");
         }
     }
@@ -295,12 +304,17 @@ async fn take_due_steps(
 }
 
 #[tracing::instrument(skip_all, fields(order.id = %id))]
-async fn take_step(db: &Db, gateway: &dyn PaymentGateway, id: &str) -> Result<(), DbError> {
+async fn take_step(
+    db: &Db,
+    gateway: &dyn PaymentGateway,
+    id: &str,
+    lease: chrono::Duration,
+) -> Result<(), DbError> {
     let claim_id = id.to_string();
     let order = db
         .write(move |conn| {
             let now = kernel::time::now();
-            if !store::claim_payment(conn, &claim_id, now, now + LEASE)? {
+            if !store::claim_payment(conn, &claim_id, now, now + lease)? {
                 return Ok(None);
             }
             store::find(conn, &claim_id).map_err(DbError::from)
