@@ -58,6 +58,8 @@ enum Command {
         #[command(subcommand)]
         command: EventsCommand,
     },
+    /// Fills a fresh instance with a demo catalog and prints tokens to try it with.
+    Seed,
     /// Prints the module and event graph, or checks it.
     Arch {
         #[arg(value_enum, default_value_t = ArchFormat::Mermaid)]
@@ -137,6 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Events { command } => events(&settings, command),
+        Command::Seed => crate::seed::run(&settings),
         Command::Arch { format } => arch(format),
     }
 }

@@ -8,6 +8,7 @@ pub mod observe;
 pub mod ops;
 pub mod registry;
 pub mod runtime;
+pub mod seed;
 pub mod settings;
 pub mod startup;
 pub mod telemetry;

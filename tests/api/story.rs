@@ -486,6 +486,36 @@ async fn the_last_items_go_to_exactly_as_many_customers(db: TestDatabase) {
     app.stop().await;
 }
 
+async fn a_flaky_gateway_still_settles_every_order_once(db: TestDatabase) {
+    let app = crate::helpers::spawn_with(db, colony::registry::ALL.to_vec(), |s| {
+        s.modules.insert(
+            "checkout".into(),
+            json!({"payment": {"failure_rate": 0.5, "latency_ms": 5, "breaker_failures": 50}}),
+        );
+    })
+    .await;
+    let tea = id(&app.create_product(&app.seller(), "TEA-1", 450, 100).await);
+    let mut orders = Vec::new();
+    for i in 0..5 {
+        let customer = customer_with_cart(&app, &format!("flaky-{i}"), &[(&tea, 2)]).await;
+        let order = id(&app
+            .place_order(&customer, "k", "tok_ok")
+            .await
+            .json::<Value>()
+            .await
+            .unwrap());
+        orders.push((customer, order));
+    }
+    for (customer, order) in &orders {
+        app.order_in(customer, order, "confirmed").await;
+    }
+    // Each order reserved once and charged once, whatever the retries.
+    assert_eq!(app.product(&tea).await["stock"]["reserved"], 10);
+    let confirmed = app.published("checkout").await;
+    assert_eq!(confirmed, 10, "5 placed + 5 confirmed, no duplicates");
+    app.stop().await;
+}
+
 on_both_backends!(
     the_whole_story_from_listing_to_fulfilment,
     a_declined_payment_releases_stock_and_keeps_the_cart,
@@ -495,4 +525,5 @@ on_both_backends!(
     bad_placements_are_refused_and_write_nothing,
     customers_never_see_each_others_orders,
     the_last_items_go_to_exactly_as_many_customers,
+    a_flaky_gateway_still_settles_every_order_once,
 );

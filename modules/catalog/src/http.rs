@@ -12,6 +12,7 @@ use contracts::catalog::{
 use kernel::auth::{Caller, Role};
 use kernel::context::RequestContext;
 use kernel::db::DbError;
+use kernel::outbox::Publisher;
 use kernel::{AnyConnection, Db, Problem};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -277,7 +278,27 @@ pub async fn create_product(
     body: web::Json<CreateProduct>,
 ) -> Result<HttpResponse, CatalogError> {
     caller.require(&[Role::Seller, Role::Admin])?;
-    let body = body.into_inner();
+    let row = list_product(
+        &db,
+        &caller.subject,
+        body.into_inner(),
+        ctx.publisher(MODULE),
+    )
+    .await?;
+    tracing::info!(product.id = %row.id, "product listed");
+    Ok(HttpResponse::Created()
+        .insert_header(("Location", format!("/api/v1/catalog/products/{}", row.id)))
+        .json(ProductView::from(row)))
+}
+
+/// Lists a new product for `seller_id`: validates it, stores it and publishes
+/// `catalog.product_listed.v1` in one transaction.
+pub async fn list_product(
+    db: &Db,
+    seller_id: &str,
+    body: CreateProduct,
+    publisher: Publisher,
+) -> Result<ProductRow, CatalogError> {
     let sku = Sku::parse(&body.sku)?;
     let name = domain::parse_name(&body.name)?;
     let description = domain::parse_description(body.description.as_deref())?;
@@ -288,7 +309,7 @@ pub async fn create_product(
     let row = ProductRow {
         id: id.to_string(),
         sku: sku.as_str().to_string(),
-        seller_id: caller.subject.clone(),
+        seller_id: seller_id.to_string(),
         name,
         description,
         price_minor: price.amount_minor,
@@ -299,33 +320,27 @@ pub async fn create_product(
         created_at: now,
         updated_at: now,
     };
-    let publisher = ctx.publisher(MODULE);
-    let row = db
-        .write(move |conn| {
-            store::insert(conn, &row).map_err(|e| {
-                if store::is_unique_violation(&e) {
-                    CatalogError::DuplicateSku(row.sku.clone())
-                } else {
-                    e.into()
-                }
-            })?;
-            let event = ProductListed {
-                product_id: id.0,
-                seller_id: row.seller_id.clone(),
-                sku: row.sku.clone(),
-                name: row.name.clone(),
-                description: row.description.clone(),
-                price: Money::new(row.price_minor, row.currency.clone()),
-                available: row.stock().available(),
-            };
-            publisher.publish(conn, &row.id, &event)?;
-            Ok::<_, CatalogError>(row)
-        })
-        .await?;
-    tracing::info!(product.id = %row.id, "product listed");
-    Ok(HttpResponse::Created()
-        .insert_header(("Location", format!("/api/v1/catalog/products/{}", row.id)))
-        .json(ProductView::from(row)))
+    db.write(move |conn| {
+        store::insert(conn, &row).map_err(|e| {
+            if store::is_unique_violation(&e) {
+                CatalogError::DuplicateSku(row.sku.clone())
+            } else {
+                e.into()
+            }
+        })?;
+        let event = ProductListed {
+            product_id: id.0,
+            seller_id: row.seller_id.clone(),
+            sku: row.sku.clone(),
+            name: row.name.clone(),
+            description: row.description.clone(),
+            price: Money::new(row.price_minor, row.currency.clone()),
+            available: row.stock().available(),
+        };
+        publisher.publish(conn, &row.id, &event)?;
+        Ok::<_, CatalogError>(row)
+    })
+    .await
 }
 
 #[utoipa::path(

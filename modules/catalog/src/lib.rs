@@ -7,6 +7,8 @@ mod http;
 mod schema;
 mod store;
 
+pub use http::{CatalogError, CreateProduct, list_product};
+
 use std::sync::Arc;
 
 use actix_web::web;
