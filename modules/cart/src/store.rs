@@ -60,7 +60,7 @@ pub fn find_product(conn: &mut AnyConnection, product_id: &str) -> QueryResult<O
     cart_products::table
         .find(product_id)
         .select(ProductRow::as_select())
-        .first(conn)
+        .get_result(conn)
         .optional()
 }
 

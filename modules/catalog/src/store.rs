@@ -46,7 +46,7 @@ pub fn find(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<ProductRow
     products::table
         .find(id)
         .select(ProductRow::as_select())
-        .first(conn)
+        .get_result(conn)
         .optional()
 }
 

@@ -157,7 +157,7 @@ fn charge_once(
     let existing: Option<String> = c::table
         .find(&id)
         .select(c::outcome)
-        .first(conn)
+        .get_result(conn)
         .optional()?;
     let outcome = match existing {
         Some(outcome) => outcome,

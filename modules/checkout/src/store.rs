@@ -99,7 +99,7 @@ pub fn find(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<OrderRow>>
     orders::table
         .find(id)
         .select(OrderRow::as_select())
-        .first(conn)
+        .get_result(conn)
         .optional()
 }
 
@@ -176,7 +176,7 @@ pub fn payments_due(
 pub fn next_payment_due(conn: &mut AnyConnection) -> QueryResult<Option<NaiveDateTime>> {
     orders::table
         .select(diesel::dsl::min(orders::payment_due_at))
-        .first(conn)
+        .get_result(conn)
 }
 
 /// Takes the payment step of `id` for `lease` (no other replica will), if due.
@@ -231,7 +231,7 @@ pub fn find_key(
     idempotency_keys::table
         .find((customer_id, key))
         .select(IdempotencyRow::as_select())
-        .first(conn)
+        .get_result(conn)
         .optional()
 }
 

@@ -50,7 +50,7 @@ pub fn find(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<ShipmentRo
     shipments::table
         .find(id)
         .select(ShipmentRow::as_select())
-        .first(conn)
+        .get_result(conn)
         .optional()
 }
 
@@ -58,7 +58,7 @@ pub fn of_order(conn: &mut AnyConnection, order_id: &str) -> QueryResult<Option<
     shipments::table
         .filter(shipments::order_id.eq(order_id))
         .select(ShipmentRow::as_select())
-        .first(conn)
+        .get_result(conn)
         .optional()
 }
 

@@ -264,6 +264,9 @@ pub fn pool(connector: ModuleConnector, options: &PoolOptions) -> Result<DbPool,
     Pool::builder()
         .max_size(options.max_size)
         .min_idle(Some(1))
+        // No `SELECT 1` before every use: a broken connection fails its statement,
+        // the transaction is retried, and r2d2 replaces it.
+        .test_on_check_out(false)
         .connection_timeout(options.connect_timeout)
         .build(connector)
         .map_err(DbError::from)

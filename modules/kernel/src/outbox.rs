@@ -58,13 +58,7 @@ impl Publisher {
         );
         let payload = serde_json::to_value(event)
             .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
-        diesel::update(colony_outbox_head::table.find(1))
-            .set(colony_outbox_head::last_sequence.eq(colony_outbox_head::last_sequence + 1))
-            .execute(conn)?;
-        let sequence: i64 = colony_outbox_head::table
-            .find(1)
-            .select(colony_outbox_head::last_sequence)
-            .first(conn)?;
+        let sequence = next_sequence(conn)?;
         let envelope = Envelope {
             event_id: Uuid::now_v7(),
             name: E::NAME.to_string(),
@@ -81,6 +75,21 @@ impl Publisher {
             .values(OutboxRow::from_envelope(&envelope))
             .execute(conn)?;
         Ok(envelope)
+    }
+}
+
+/// Bumps the outbox head and returns the new sequence, in one statement.
+fn next_sequence(conn: &mut AnyConnection) -> QueryResult<i64> {
+    let bump = diesel::update(colony_outbox_head::table.find(1))
+        .set(colony_outbox_head::last_sequence.eq(colony_outbox_head::last_sequence + 1));
+    // RETURNING does not compile for the multi-backend connection: per backend.
+    match conn {
+        AnyConnection::Sqlite(c) => bump
+            .returning(colony_outbox_head::last_sequence)
+            .get_result(c),
+        AnyConnection::Postgresql(c) => bump
+            .returning(colony_outbox_head::last_sequence)
+            .get_result(c),
     }
 }
 
@@ -136,7 +145,10 @@ impl OutboxRow {
     }
 }
 
-/// Events published after `after`, oldest first.
+/// Events published after `after`, oldest first, at most `limit`.
+///
+/// Sequences are gapless, so a range replaces `LIMIT` (SQLite re-plans a statement
+/// whose `LIMIT` is a bound parameter every time it runs).
 pub fn read_after(
     conn: &mut AnyConnection,
     source: &str,
@@ -145,8 +157,8 @@ pub fn read_after(
 ) -> QueryResult<Vec<Result<Envelope, String>>> {
     let rows: Vec<OutboxRow> = colony_outbox::table
         .filter(colony_outbox::sequence.gt(after))
+        .filter(colony_outbox::sequence.le(after.saturating_add(limit)))
         .order(colony_outbox::sequence.asc())
-        .limit(limit)
         .select(OutboxRow::as_select())
         .load(conn)?;
     Ok(rows.into_iter().map(|r| r.into_envelope(source)).collect())
@@ -157,5 +169,5 @@ pub fn last_sequence(conn: &mut AnyConnection) -> QueryResult<i64> {
     colony_outbox_head::table
         .find(1)
         .select(colony_outbox_head::last_sequence)
-        .first(conn)
+        .get_result(conn)
 }

@@ -55,7 +55,21 @@ pub struct ConsumerEngine {
 
 enum Outcome {
     Handled,
+    /// Its inbox record exists already: handled before, nothing done now.
+    Duplicate,
     Failed(HandlerError),
+}
+
+/// Why an attempt's savepoint was rolled back.
+enum Undo {
+    Duplicate,
+    Failed(HandlerError),
+}
+
+impl From<diesel::result::Error> for Undo {
+    fn from(e: diesel::result::Error) -> Self {
+        Self::Failed(e.into())
+    }
 }
 
 impl ConsumerEngine {
@@ -85,9 +99,27 @@ impl ConsumerEngine {
             // Pull first: it claims this consumer's turn before anything else is read.
             let events = sub.pull(conn, self.policy.batch_size)?;
             report.pulled = events.len();
-            self.run_deferred(conn, now, &mut report)?;
-            let mut blocked = self.blocked_keys(conn)?;
-            let seen = self.already_seen(conn, &events)?;
+            // Most passes find no retries waiting: one query says so.
+            let (waiting, earliest): (i64, Option<NaiveDateTime>) = colony_deferred::table
+                .filter(colony_deferred::consumer.eq(self.consumer.name))
+                .filter(colony_deferred::source.eq(self.consumer.source))
+                .select((
+                    diesel::dsl::count_star(),
+                    diesel::dsl::min(colony_deferred::next_attempt_at),
+                ))
+                .get_result(conn)?;
+            let mut blocked = HashSet::new();
+            if waiting > 0 {
+                if earliest.is_some_and(|e| e <= now) {
+                    self.run_deferred(conn, now, &mut report)?;
+                }
+                blocked = self.blocked_keys(conn)?;
+            }
+            let seen = if sub.may_redeliver() {
+                self.already_seen(conn, &events)?
+            } else {
+                HashSet::new()
+            };
             for event in &events {
                 if seen.contains(&event.event_id.to_string()) {
                     report.duplicates += 1;
@@ -101,6 +133,7 @@ impl ConsumerEngine {
                 }
                 match self.attempt(conn, event) {
                     Outcome::Handled => report.handled += 1,
+                    Outcome::Duplicate => report.duplicates += 1,
                     Outcome::Failed(HandlerError::Retry(error)) if self.policy.max_attempts > 1 => {
                         let due = failed_at(now) + self.backoff(1);
                         self.defer(conn, event, 1, due, Some(&error))?;
@@ -118,11 +151,16 @@ impl ConsumerEngine {
             if let Some(last) = events.last() {
                 sub.advance(conn, last)?;
             }
-            report.next_due = colony_deferred::table
-                .filter(colony_deferred::consumer.eq(self.consumer.name))
-                .filter(colony_deferred::source.eq(self.consumer.source))
-                .select(diesel::dsl::min(colony_deferred::next_attempt_at))
-                .first::<Option<NaiveDateTime>>(conn)?;
+            let deferred_changed = report.retried + report.queued_behind + report.parked > 0;
+            report.next_due = if waiting > 0 || deferred_changed {
+                colony_deferred::table
+                    .filter(colony_deferred::consumer.eq(self.consumer.name))
+                    .filter(colony_deferred::source.eq(self.consumer.source))
+                    .select(diesel::dsl::min(colony_deferred::next_attempt_at))
+                    .get_result::<Option<NaiveDateTime>>(conn)?
+            } else {
+                None
+            };
             Ok::<_, BusError>(report)
         })?;
         self.record(&report);
@@ -140,7 +178,8 @@ impl ConsumerEngine {
     }
 
     /// Handles one event in a savepoint: its writes and its inbox record commit
-    /// together or are undone together.
+    /// together or are undone together. The inbox record goes first, so an event
+    /// handled before is recognised by its key (at no extra query) and skipped.
     fn attempt(&self, conn: &mut AnyConnection, event: &Envelope) -> Outcome {
         let trace = event.trace();
         let span = tracing::info_span!(
@@ -154,20 +193,31 @@ impl ConsumerEngine {
             parent_span_id = trace.map(|t| t.span_id_hex()).unwrap_or_default(),
         );
         let _entered = span.enter();
-        let result = conn.transaction::<_, HandlerError, _>(|conn| {
-            self.consumer.handler.handle(conn, event)?;
-            diesel::insert_into(colony_inbox::table)
+        let result = conn.transaction::<_, Undo, _>(|conn| {
+            let recorded = diesel::insert_into(colony_inbox::table)
                 .values((
                     colony_inbox::consumer.eq(self.consumer.name),
                     colony_inbox::event_id.eq(event.event_id.to_string()),
                     colony_inbox::handled_at.eq(crate::time::now()),
                 ))
-                .execute(conn)?;
+                .execute(conn);
+            match recorded {
+                Err(diesel::result::Error::DatabaseError(
+                    diesel::result::DatabaseErrorKind::UniqueViolation,
+                    _,
+                )) => return Err(Undo::Duplicate),
+                other => other?,
+            };
+            self.consumer
+                .handler
+                .handle(conn, event)
+                .map_err(Undo::Failed)?;
             Ok(())
         });
         match result {
             Ok(()) => Outcome::Handled,
-            Err(e) => {
+            Err(Undo::Duplicate) => Outcome::Duplicate,
+            Err(Undo::Failed(e)) => {
                 tracing::warn!(error = %e, "event handler failed");
                 Outcome::Failed(e)
             }
@@ -209,6 +259,10 @@ impl ConsumerEngine {
                 Outcome::Handled => {
                     diesel::delete(key).execute(conn)?;
                     report.handled += 1;
+                }
+                Outcome::Duplicate => {
+                    diesel::delete(key).execute(conn)?;
+                    report.duplicates += 1;
                 }
                 Outcome::Failed(HandlerError::Retry(error))
                     if attempts < self.policy.max_attempts =>
@@ -288,6 +342,14 @@ impl ConsumerEngine {
         due: NaiveDateTime,
         error: Option<&str>,
     ) -> Result<(), BusError> {
+        let queued: i64 = colony_deferred::table
+            .filter(colony_deferred::consumer.eq(self.consumer.name))
+            .filter(colony_deferred::event_id.eq(event.event_id.to_string()))
+            .count()
+            .get_result(conn)?;
+        if queued > 0 {
+            return Ok(());
+        }
         diesel::insert_into(colony_deferred::table)
             .values(DeferredRow {
                 consumer: self.consumer.name.to_string(),

@@ -61,7 +61,7 @@ pub fn replay(conn: &mut AnyConnection, id: &str) -> Result<DeadLetter, ReplayEr
     let letter: DeadLetter = dl::table
         .find(id)
         .select(DeadLetter::as_select())
-        .first(conn)
+        .get_result(conn)
         .optional()?
         .ok_or_else(|| ReplayError::NotFound(id.to_string()))?;
     if letter.replayed_at.is_some() {

@@ -70,20 +70,30 @@ impl LocalSubscription {
     fn lock_position(&self, conn: &mut AnyConnection) -> Result<i64, BusError> {
         let key = positions::table.find((self.consumer.as_str(), self.source.module()));
         let now = crate::time::now();
-        let touched = diesel::update(key)
-            .set(positions::updated_at.eq(now))
-            .execute(conn)?;
-        if touched == 0 {
-            diesel::insert_into(positions::table)
-                .values((
-                    positions::consumer.eq(&self.consumer),
-                    positions::source.eq(self.source.module()),
-                    positions::position.eq(0_i64),
-                    positions::updated_at.eq(now),
-                ))
-                .execute(conn)?;
+        let touch = diesel::update(key).set(positions::updated_at.eq(now));
+        // One statement locks and reads; RETURNING is per backend.
+        let position: Option<i64> = match conn {
+            AnyConnection::Sqlite(c) => touch
+                .returning(positions::position)
+                .get_result(c)
+                .optional()?,
+            AnyConnection::Postgresql(c) => touch
+                .returning(positions::position)
+                .get_result(c)
+                .optional()?,
+        };
+        if let Some(position) = position {
+            return Ok(position);
         }
-        Ok(key.select(positions::position).first(conn)?)
+        diesel::insert_into(positions::table)
+            .values((
+                positions::consumer.eq(&self.consumer),
+                positions::source.eq(self.source.module()),
+                positions::position.eq(0_i64),
+                positions::updated_at.eq(now),
+            ))
+            .execute(conn)?;
+        Ok(0)
     }
 }
 
@@ -114,6 +124,11 @@ impl Subscription for LocalSubscription {
         Ok(())
     }
 
+    fn may_redeliver(&self) -> bool {
+        // The position moves only in the transaction that handled the events.
+        false
+    }
+
     fn settle(&mut self, _committed: bool) -> BoxFuture<'_, ()> {
         // The position moved (or not) with the consumer's own commit.
         Box::pin(async {})
@@ -123,7 +138,7 @@ impl Subscription for LocalSubscription {
         let position: Option<i64> = positions::table
             .find((self.consumer.as_str(), self.source.module()))
             .select(positions::position)
-            .first(conn)
+            .get_result(conn)
             .optional()?;
         let mut source_conn = self.source.pool().get().map_err(DbError::from)?;
         let head = outbox::last_sequence(&mut source_conn)?;

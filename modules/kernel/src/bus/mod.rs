@@ -127,6 +127,12 @@ pub trait Subscription: Send + 'static {
     fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError>;
     /// Inside the same transaction: everything through `last` is dealt with.
     fn advance(&mut self, conn: &mut AnyConnection, last: &Envelope) -> Result<(), BusError>;
+    /// Whether an event already handled (or queued for a retry) may be pulled again,
+    /// so the consumer must check its inbox. False when the position moves in the
+    /// consumer's own transaction.
+    fn may_redeliver(&self) -> bool {
+        true
+    }
     /// After the transaction ended: acknowledge (committed) or let them come again.
     fn settle(&mut self, committed: bool) -> BoxFuture<'_, ()>;
     /// Events of the source this consumer has not yet reached, if the transport knows.
