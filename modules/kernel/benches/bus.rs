@@ -21,14 +21,14 @@
 //! Targets are printed as PASS/MISS, never asserted: machines are noisy.
 
 use std::path::Path;
-use std::sync::{Arc, Barrier, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use colony_kernel as kernel;
-use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
+use kernel::benchkit::{Percentiles, RawRate, percentiles, raw_commit_rate};
 use kernel::bus::{
     BoxFuture, BusError, Consumer, ConsumerEngine, EventHandler, HandlerError, LocalTransport,
     RetryPolicy, Subscription, Transport,
@@ -57,14 +57,6 @@ diesel::table! {
         aggregate_id -> Text,
         sequence -> BigInt,
         position -> BigInt,
-    }
-}
-
-diesel::table! {
-    bench_raw (id) {
-        id -> BigInt,
-        writer -> Integer,
-        note -> Text,
     }
 }
 
@@ -254,87 +246,6 @@ fn filesystem_of(path: &Path) -> String {
 }
 
 // ---------------------------------------------------------------- (a) raw commits
-
-struct RawRate {
-    commits: u64,
-    elapsed: Duration,
-}
-
-impl RawRate {
-    fn per_second(&self) -> f64 {
-        self.commits as f64 / self.elapsed.as_secs_f64()
-    }
-}
-
-/// One-row INSERT transactions from `writers` threads for `seconds`, each taking a
-/// pooled connection per transaction as the producer does.
-fn raw_commit_rate(backend: Backend, writers: usize, seconds: f64) -> Result<RawRate> {
-    let test_db = fresh_database(backend)?;
-    let (_, pool) = module_pool(&test_db, "raw")?;
-    pool.get()?.batch_execute(
-        "CREATE TABLE bench_raw (id BIGINT PRIMARY KEY NOT NULL, writer INTEGER NOT NULL, note TEXT NOT NULL)",
-    )?;
-    let note = "x".repeat(64);
-    let barrier = Barrier::new(writers + 1);
-    let duration = Duration::from_secs_f64(seconds);
-    let (started, results) = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..writers)
-            .map(|w| {
-                let (pool, barrier, note) = (&pool, &barrier, &note);
-                scope.spawn(move || -> Result<(u64, Instant)> {
-                    let writer = i32::try_from(w)?;
-                    let mut id = i64::from(writer) << 40;
-                    let insert = |id: i64| -> Result<()> {
-                        let mut conn = pool.get()?;
-                        write_tx(&mut conn, |c| {
-                            diesel::insert_into(bench_raw::table)
-                                .values((
-                                    bench_raw::id.eq(id),
-                                    bench_raw::writer.eq(writer),
-                                    bench_raw::note.eq(note),
-                                ))
-                                .execute(c)
-                        })?;
-                        Ok(())
-                    };
-                    // Warm-up commit (opens this writer's connection), then all start together.
-                    let warm = insert(id);
-                    barrier.wait();
-                    warm?;
-                    let deadline = Instant::now() + duration;
-                    let mut commits = 0_u64;
-                    while Instant::now() < deadline {
-                        id += 1;
-                        insert(id)?;
-                        commits += 1;
-                    }
-                    Ok((commits, Instant::now()))
-                })
-            })
-            .collect();
-        barrier.wait();
-        let started = Instant::now();
-        let results: Vec<_> = handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow!("raw writer panicked")))
-            })
-            .collect();
-        (started, results)
-    });
-    let mut commits = 0;
-    let mut finished = started;
-    for result in results {
-        let (n, at) = result?;
-        commits += n;
-        finished = finished.max(at);
-    }
-    Ok(RawRate {
-        commits,
-        elapsed: finished - started,
-    })
-}
 
 // ---------------------------------------------------------------- (b), (c) the bus
 
@@ -682,28 +593,6 @@ struct Latency {
     passes: usize,
 }
 
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
-fn percentiles(mut ms: Vec<f64>) -> Percentiles {
-    ms.sort_by(f64::total_cmp);
-    let rank = |p: f64| {
-        if ms.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((p * ms.len() as f64).ceil() as usize).clamp(1, ms.len()) - 1;
-        ms[i]
-    };
-    Percentiles {
-        p50: rank(0.50),
-        p99: rank(0.99),
-        max: ms.last().copied().unwrap_or(f64::NAN),
-    }
-}
-
 /// (c): events paced at `rate`; per event, from its producer commit to its consumer
 /// commit (and, for reference, to the moment the handler ran inside that transaction).
 async fn bus_latency(backend: Backend, rate: f64, events: usize) -> Result<Latency> {
@@ -789,7 +678,9 @@ async fn measure(backend: Backend, args: &Args) -> Result<Figures> {
         args.seconds
     );
     let seconds = args.seconds;
-    let raw = tokio::task::spawn_blocking(move || raw_commit_rate(backend, 1, seconds)).await??;
+    let raw =
+        tokio::task::spawn_blocking(move || raw_commit_rate(&fresh_database(backend)?, 1, seconds))
+            .await??;
     println!(
         "(a) raw one-row commit txns, 1 writer    {:>10.0} commits/s   ({} in {:.2} s)",
         raw.per_second(),
@@ -798,8 +689,10 @@ async fn measure(backend: Backend, args: &Args) -> Result<Figures> {
     );
     let raw_concurrent = if backend == Backend::Postgres {
         eprintln!("   [{name}] (a) raw commits, {PG_WRITERS} writers, {seconds} s ...");
-        let r = tokio::task::spawn_blocking(move || raw_commit_rate(backend, PG_WRITERS, seconds))
-            .await??;
+        let r = tokio::task::spawn_blocking(move || {
+            raw_commit_rate(&fresh_database(backend)?, PG_WRITERS, seconds)
+        })
+        .await??;
         println!(
             "    raw one-row commit txns, {PG_WRITERS} writers   {:>10.0} commits/s   ({} in {:.2} s)",
             r.per_second(),

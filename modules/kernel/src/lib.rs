@@ -3,6 +3,7 @@
 //! business rules and names no business module.
 
 pub mod auth;
+pub mod benchkit;
 pub mod bus;
 pub mod context;
 pub mod db;
