@@ -5,11 +5,7 @@
 //!
 //! New events: run with `UPDATE_SNAPSHOTS=1` once to record their shape.
 
-#![expect(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    reason = "tests panic to fail"
-)]
+#![expect(clippy::unwrap_used, reason = "tests panic to fail")]
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
