@@ -43,8 +43,8 @@ impl Publisher {
     /// Appends `event` about `aggregate_id` to the outbox on `conn`, which must be
     /// inside the caller's write transaction.
     ///
-    /// Taking the next sequence locks the outbox head until commit, so sequences
-    /// become visible in order and a consumer reading "after N" never skips a row.
+    /// Sequences become visible gapless and in commit order (see `next_sequence`), so
+    /// a consumer reading "after N" never skips a row.
     pub fn publish<E: Event>(
         &self,
         conn: &mut AnyConnection,
@@ -78,16 +78,20 @@ impl Publisher {
     }
 }
 
-/// Bumps the outbox head and returns the new sequence, in one statement.
+/// The next sequence of this module's outbox.
+///
+/// PostgreSQL: bumps the one-row head, whose row lock then orders concurrent
+/// publishers by commit. SQLite: its write transactions (`BEGIN IMMEDIATE`) are
+/// serialised already, so the largest sequence plus one is safe and writes no page
+/// besides the new row's. (Outbox pruning must therefore keep the newest row.)
 fn next_sequence(conn: &mut AnyConnection) -> QueryResult<i64> {
-    let bump = diesel::update(colony_outbox_head::table.find(1))
-        .set(colony_outbox_head::last_sequence.eq(colony_outbox_head::last_sequence + 1));
-    // RETURNING does not compile for the multi-backend connection: per backend.
     match conn {
-        AnyConnection::Sqlite(c) => bump
-            .returning(colony_outbox_head::last_sequence)
-            .get_result(c),
-        AnyConnection::Postgresql(c) => bump
+        AnyConnection::Sqlite(c) => colony_outbox::table
+            .select(diesel::dsl::max(colony_outbox::sequence))
+            .get_result::<Option<i64>>(c)
+            .map(|max| max.unwrap_or(0) + 1),
+        AnyConnection::Postgresql(c) => diesel::update(colony_outbox_head::table.find(1))
+            .set(colony_outbox_head::last_sequence.eq(colony_outbox_head::last_sequence + 1))
             .returning(colony_outbox_head::last_sequence)
             .get_result(c),
     }
@@ -166,8 +170,14 @@ pub fn read_after(
 
 /// The newest sequence this module has published.
 pub fn last_sequence(conn: &mut AnyConnection) -> QueryResult<i64> {
-    colony_outbox_head::table
-        .find(1)
-        .select(colony_outbox_head::last_sequence)
-        .get_result(conn)
+    match conn {
+        AnyConnection::Sqlite(c) => colony_outbox::table
+            .select(diesel::dsl::max(colony_outbox::sequence))
+            .get_result::<Option<i64>>(c)
+            .map(Option::unwrap_or_default),
+        AnyConnection::Postgresql(c) => colony_outbox_head::table
+            .find(1)
+            .select(colony_outbox_head::last_sequence)
+            .get_result(c),
+    }
 }

@@ -3,7 +3,7 @@
 -- Events this module published, in the same transaction as the state change.
 CREATE TABLE colony_outbox (
     sequence BIGINT PRIMARY KEY NOT NULL,
-    event_id TEXT NOT NULL UNIQUE,
+    event_id TEXT NOT NULL,
     name TEXT NOT NULL,
     aggregate_id TEXT NOT NULL,
     occurred_at TIMESTAMP NOT NULL,

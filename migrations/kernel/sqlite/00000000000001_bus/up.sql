@@ -1,9 +1,11 @@
 -- The event machinery every module carries in its own database.
 
 -- Events this module published, in the same transaction as the state change.
+-- `sequence` is the rowid (one page written per event); event ids are UUIDv7 made
+-- here, and consumers deduplicate them in their inboxes.
 CREATE TABLE colony_outbox (
-    sequence BIGINT PRIMARY KEY NOT NULL,
-    event_id TEXT NOT NULL UNIQUE,
+    sequence INTEGER PRIMARY KEY NOT NULL,
+    event_id TEXT NOT NULL,
     name TEXT NOT NULL,
     aggregate_id TEXT NOT NULL,
     occurred_at TIMESTAMP NOT NULL,
@@ -14,7 +16,8 @@ CREATE TABLE colony_outbox (
     relayed_at TIMESTAMP
 );
 
--- The last sequence handed out; its row lock orders outbox writers by commit.
+-- The last sequence handed out. On SQLite, whose writers are serialised anyway, the
+-- next sequence is the outbox's largest plus one, so this row stays untouched.
 CREATE TABLE colony_outbox_head (
     id INTEGER PRIMARY KEY NOT NULL CHECK (id = 1),
     last_sequence BIGINT NOT NULL
