@@ -262,7 +262,7 @@ pub async fn run_worker(
 ) {
     let mut commits = db.commits();
     while !*shutdown.borrow() {
-        let wait = match take_due_steps(&db, gateway.as_ref(), lease).await {
+        let wait = match take_due_steps(&db, &gateway, lease).await {
             Ok(Some(next)) => (next - kernel::time::now())
                 .to_std()
                 .unwrap_or(Duration::ZERO)
@@ -284,106 +284,120 @@ pub async fn run_worker(
     }
 }
 
-/// Runs every step due now; returns when the next one falls due.
+/// Payment steps claimed and gateway calls in flight at once.
+const BATCH: i64 = 128;
+const IN_FLIGHT: usize = 32;
+
+/// What the gateway answered for one claimed step.
+enum Answer {
+    Charged(ChargeOutcome),
+    Refunded,
+    Failed(GatewayError),
+    /// Nothing was due any more (settled meanwhile): stop asking.
+    Nothing,
+}
+
+/// Runs every step due now, in batches: one transaction claims a batch, the gateway
+/// calls run concurrently (no transaction open), one transaction records them all.
+/// Returns when the next step falls due.
 async fn take_due_steps(
     db: &Db,
-    gateway: &dyn PaymentGateway,
+    gateway: &Arc<dyn PaymentGateway>,
     lease: chrono::Duration,
 ) -> Result<Option<NaiveDateTime>, DbError> {
-    let now = kernel::time::now();
-    let due = db
-        .read(move |conn| store::payments_due(conn, now, 64).map_err(DbError::from))
-        .await?;
-    for id in due {
-        if let Err(e) = take_step(db, gateway, &id, lease).await {
-            tracing::warn!(order.id = %id, error = %e, "payment step failed");
+    loop {
+        let claimed = db
+            .write(move |conn| {
+                let now = kernel::time::now();
+                let mut claimed = Vec::new();
+                for id in store::payments_due(conn, now, BATCH)? {
+                    if store::claim_payment(conn, &id, now, now + lease)? {
+                        claimed.extend(store::find(conn, &id)?);
+                    }
+                }
+                Ok::<_, DbError>(claimed)
+            })
+            .await?;
+        if claimed.is_empty() {
+            break;
+        }
+        let full = i64::try_from(claimed.len()).unwrap_or(BATCH) >= BATCH;
+        let answers = call_gateway(gateway, claimed).await;
+        db.write(move |conn| record(conn, answers)).await?;
+        if !full {
+            break;
         }
     }
     db.read(|conn| store::next_payment_due(conn).map_err(DbError::from))
         .await
 }
 
-#[tracing::instrument(skip_all, fields(order.id = %id))]
-async fn take_step(
-    db: &Db,
-    gateway: &dyn PaymentGateway,
-    id: &str,
-    lease: chrono::Duration,
-) -> Result<(), DbError> {
-    let claim_id = id.to_string();
-    let order = db
-        .write(move |conn| {
-            let now = kernel::time::now();
-            if !store::claim_payment(conn, &claim_id, now, now + lease)? {
-                return Ok(None);
-            }
-            store::find(conn, &claim_id).map_err(DbError::from)
-        })
-        .await?;
-    let Some(order) = order else {
-        return Ok(());
-    };
-    let order_id = Uuid::parse_str(&order.id).unwrap_or_default();
-    match order.state().payment {
-        Payment::ChargeDue => {
-            let request = ChargeRequest {
-                order_id,
-                amount: Money::new(order.total_minor, order.currency.clone()),
-                token: order.payment_token.clone(),
-            };
-            match gateway.charge(request).await {
-                Ok(outcome) => record(db, &order.id, Step::Charge(outcome)).await,
-                Err(e) => retry_later(db, &order, &e).await,
-            }
-        }
-        Payment::RefundDue => match gateway.refund(order_id).await {
-            Ok(()) => record(db, &order.id, Step::Refund).await,
-            Err(e) => retry_later(db, &order, &e).await,
-        },
-        // Nothing due (already settled): stop asking.
-        _ => {
-            let id = order.id.clone();
-            db.write(move |conn| {
-                let Some(order) = store::lock(conn, &id)? else {
-                    return Ok(());
+/// The gateway call each claimed order's step needs, at most `IN_FLIGHT` at once.
+async fn call_gateway(gateway: &Arc<dyn PaymentGateway>, orders: Vec<store::OrderRow>) -> Vec<(store::OrderRow, Answer)> {
+    let mut answers = Vec::with_capacity(orders.len());
+    let mut calls = tokio::task::JoinSet::new();
+    let mut pending = orders.into_iter();
+    loop {
+        while calls.len() < IN_FLIGHT {
+            let Some(order) = pending.next() else { break };
+            let gateway = gateway.clone();
+            calls.spawn(async move {
+                let order_id = Uuid::parse_str(&order.id).unwrap_or_default();
+                let answer = match order.state().payment {
+                    Payment::ChargeDue => {
+                        let request = ChargeRequest {
+                            order_id,
+                            amount: Money::new(order.total_minor, order.currency.clone()),
+                            token: order.payment_token.clone(),
+                        };
+                        gateway.charge(request).await.map_or_else(Answer::Failed, Answer::Charged)
+                    }
+                    Payment::RefundDue => gateway.refund(order_id).await.map_or_else(Answer::Failed, |()| Answer::Refunded),
+                    _ => Answer::Nothing,
                 };
-                store::save_state(conn, &id, order.state(), None, kernel::time::now())
-                    .map_err(DbError::from)
-            })
-            .await
+                (order, answer)
+            });
+        }
+        match calls.join_next().await {
+            Some(Ok(answer)) => answers.push(answer),
+            // A panicked call: its claim runs out and the step is taken again.
+            Some(Err(e)) => tracing::error!(error = %e, "a payment call panicked"),
+            None => break,
         }
     }
+    answers
 }
 
-enum Step {
-    Charge(ChargeOutcome),
-    Refund,
-}
-
-/// Applies a gateway result to the order and publishes what follows from it.
-async fn record(db: &Db, id: &str, step: Step) -> Result<(), DbError> {
-    let id = id.to_string();
-    db.write(move |conn| {
-        let Some(order) = store::lock(conn, &id)? else {
-            return Ok(());
-        };
+/// Applies the gateway's answers to their orders and publishes what follows.
+fn record(conn: &mut AnyConnection, answers: Vec<(store::OrderRow, Answer)>) -> Result<(), DbError> {
+    let now = kernel::time::now();
+    for (claimed, answer) in answers {
+        let Some(order) = store::lock(conn, &claimed.id)? else { continue };
         let state = order.state();
-        let next = match &step {
-            Step::Charge(ChargeOutcome::Succeeded) => state.charged(),
-            Step::Charge(ChargeOutcome::Declined(_)) => state.declined(),
-            Step::Refund => state.refunded(),
+        let next = match &answer {
+            Answer::Charged(ChargeOutcome::Succeeded) => state.charged(),
+            Answer::Charged(ChargeOutcome::Declined(_)) => state.declined(),
+            Answer::Refunded => state.refunded(),
+            Answer::Nothing => None,
+            Answer::Failed(error) => {
+                let attempts = u32::try_from(order.payment_attempts.max(0)).unwrap_or(0);
+                let delay_ms = 200u64.saturating_mul(2u64.saturating_pow(attempts.min(8))).min(30_000);
+                let due = now + chrono::Duration::milliseconds(i64::try_from(delay_ms).unwrap_or(30_000));
+                tracing::warn!(order.id = %order.id, error = %error, attempts = attempts + 1, "payment step will be retried");
+                store::payment_failed(conn, &order.id, &error.to_string(), due)?;
+                continue;
+            }
         };
         let Some(next) = next else {
-            // Settled meanwhile (a concurrent step): keep what is there.
-            return store::save_state(conn, &id, state, None, kernel::time::now())
-                .map_err(DbError::from);
+            // Settled meanwhile, or nothing was due: stop asking.
+            store::save_state(conn, &order.id, state, None, now)?;
+            continue;
         };
-        store::save_state(conn, &id, next, None, kernel::time::now())?;
+        store::save_state(conn, &order.id, next, None, now)?;
         publish_outcome(conn, &order, next)?;
-        tracing::info!(status = next.status.as_str(), "payment step recorded");
-        Ok(())
-    })
-    .await
+        tracing::info!(order.id = %order.id, status = next.status.as_str(), "payment step recorded");
+    }
+    Ok(())
 }
 
 fn publish_outcome(
@@ -428,22 +442,4 @@ fn publish_outcome(
         _ => {}
     }
     Ok(())
-}
-
-/// A failed gateway call: the step comes again after a growing delay.
-async fn retry_later(
-    db: &Db,
-    order: &store::OrderRow,
-    error: &GatewayError,
-) -> Result<(), DbError> {
-    let attempts = u32::try_from(order.payment_attempts.max(0)).unwrap_or(0);
-    let delay_ms = 200u64
-        .saturating_mul(2u64.saturating_pow(attempts.min(8)))
-        .min(30_000);
-    let due = kernel::time::now()
-        + chrono::Duration::milliseconds(i64::try_from(delay_ms).unwrap_or(30_000));
-    tracing::warn!(error = %error, attempts = attempts + 1, "payment step will be retried");
-    let (id, message) = (order.id.clone(), error.to_string());
-    db.write(move |conn| store::payment_failed(conn, &id, &message, due).map_err(DbError::from))
-        .await
 }

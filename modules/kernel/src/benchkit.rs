@@ -42,7 +42,9 @@ pub fn raw_commit_rate(test_db: &TestDatabase, writers: usize, seconds: f64) -> 
     };
     let pool = db::pool(db::prepare(&location, &options)?, &options)?;
     pool.get()?.batch_execute(
-        "CREATE TABLE bench_raw (id BIGINT PRIMARY KEY NOT NULL, writer INTEGER NOT NULL, note TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS bench_raw \
+         (id BIGINT PRIMARY KEY NOT NULL, writer INTEGER NOT NULL, note TEXT NOT NULL); \
+         DELETE FROM bench_raw;",
     )?;
     let note = "x".repeat(64);
     let barrier = Barrier::new(writers + 1);
