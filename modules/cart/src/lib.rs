@@ -11,6 +11,7 @@ mod store;
 use std::sync::Arc;
 
 use actix_web::web;
+use contracts::Event;
 use contracts::cart::{CartQueries, CartSnapshot, PortError, PortFuture};
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::Db;
@@ -68,11 +69,13 @@ impl Module for Cart {
             Consumer {
                 name: MODULE,
                 source: "catalog",
+                events: contracts::catalog::PRODUCT_EVENTS,
                 handler: Arc::new(handlers::CatalogEvents),
             },
             Consumer {
                 name: MODULE,
                 source: "checkout",
+                events: &[contracts::checkout::OrderConfirmed::NAME],
                 handler: Arc::new(handlers::CheckoutEvents),
             },
         ]

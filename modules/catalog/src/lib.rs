@@ -12,6 +12,7 @@ pub use http::{CatalogError, CreateProduct, list_product};
 use std::sync::Arc;
 
 use actix_web::web;
+use contracts::Event;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::Db;
 use kernel::bus::Consumer;
@@ -75,11 +76,17 @@ impl Module for Catalog {
             Consumer {
                 name: MODULE,
                 source: "checkout",
+                events: &[
+                    contracts::checkout::OrderPlaced::NAME,
+                    contracts::checkout::OrderRejected::NAME,
+                    contracts::checkout::OrderCancelled::NAME,
+                ],
                 handler: Arc::new(handlers::CheckoutEvents),
             },
             Consumer {
                 name: MODULE,
                 source: "delivery",
+                events: &[contracts::delivery::ShipmentDispatched::NAME],
                 handler: Arc::new(handlers::DeliveryEvents),
             },
         ]

@@ -12,6 +12,7 @@ mod store;
 use std::sync::Arc;
 
 use actix_web::web;
+use contracts::Event;
 use contracts::cart::CartQueries;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::Db;
@@ -95,11 +96,16 @@ impl Module for Checkout {
             Consumer {
                 name: MODULE,
                 source: "catalog",
+                events: &[
+                    contracts::catalog::StockReserved::NAME,
+                    contracts::catalog::StockReservationRejected::NAME,
+                ],
                 handler: Arc::new(handlers::CatalogEvents),
             },
             Consumer {
                 name: MODULE,
                 source: "delivery",
+                events: contracts::delivery::EVENT_NAMES,
                 handler: Arc::new(handlers::DeliveryEvents),
             },
         ]

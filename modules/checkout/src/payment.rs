@@ -333,7 +333,10 @@ async fn take_due_steps(
 }
 
 /// The gateway call each claimed order's step needs, at most `IN_FLIGHT` at once.
-async fn call_gateway(gateway: &Arc<dyn PaymentGateway>, orders: Vec<store::OrderRow>) -> Vec<(store::OrderRow, Answer)> {
+async fn call_gateway(
+    gateway: &Arc<dyn PaymentGateway>,
+    orders: Vec<store::OrderRow>,
+) -> Vec<(store::OrderRow, Answer)> {
     let mut answers = Vec::with_capacity(orders.len());
     let mut calls = tokio::task::JoinSet::new();
     let mut pending = orders.into_iter();
@@ -350,9 +353,15 @@ async fn call_gateway(gateway: &Arc<dyn PaymentGateway>, orders: Vec<store::Orde
                             amount: Money::new(order.total_minor, order.currency.clone()),
                             token: order.payment_token.clone(),
                         };
-                        gateway.charge(request).await.map_or_else(Answer::Failed, Answer::Charged)
+                        gateway
+                            .charge(request)
+                            .await
+                            .map_or_else(Answer::Failed, Answer::Charged)
                     }
-                    Payment::RefundDue => gateway.refund(order_id).await.map_or_else(Answer::Failed, |()| Answer::Refunded),
+                    Payment::RefundDue => gateway
+                        .refund(order_id)
+                        .await
+                        .map_or_else(Answer::Failed, |()| Answer::Refunded),
                     _ => Answer::Nothing,
                 };
                 (order, answer)
@@ -369,10 +378,15 @@ async fn call_gateway(gateway: &Arc<dyn PaymentGateway>, orders: Vec<store::Orde
 }
 
 /// Applies the gateway's answers to their orders and publishes what follows.
-fn record(conn: &mut AnyConnection, answers: Vec<(store::OrderRow, Answer)>) -> Result<(), DbError> {
+fn record(
+    conn: &mut AnyConnection,
+    answers: Vec<(store::OrderRow, Answer)>,
+) -> Result<(), DbError> {
     let now = kernel::time::now();
     for (claimed, answer) in answers {
-        let Some(order) = store::lock(conn, &claimed.id)? else { continue };
+        let Some(order) = store::lock(conn, &claimed.id)? else {
+            continue;
+        };
         let state = order.state();
         let next = match &answer {
             Answer::Charged(ChargeOutcome::Succeeded) => state.charged(),
@@ -381,8 +395,11 @@ fn record(conn: &mut AnyConnection, answers: Vec<(store::OrderRow, Answer)>) -> 
             Answer::Nothing => None,
             Answer::Failed(error) => {
                 let attempts = u32::try_from(order.payment_attempts.max(0)).unwrap_or(0);
-                let delay_ms = 200u64.saturating_mul(2u64.saturating_pow(attempts.min(8))).min(30_000);
-                let due = now + chrono::Duration::milliseconds(i64::try_from(delay_ms).unwrap_or(30_000));
+                let delay_ms = 200u64
+                    .saturating_mul(2u64.saturating_pow(attempts.min(8)))
+                    .min(30_000);
+                let due =
+                    now + chrono::Duration::milliseconds(i64::try_from(delay_ms).unwrap_or(30_000));
                 tracing::warn!(order.id = %order.id, error = %error, attempts = attempts + 1, "payment step will be retried");
                 store::payment_failed(conn, &order.id, &error.to_string(), due)?;
                 continue;

@@ -5,6 +5,15 @@ use uuid::Uuid;
 
 use crate::{Event, Money};
 
+/// The events about products themselves (not about orders' stock).
+pub const PRODUCT_EVENTS: &[&str] = &[
+    ProductListed::NAME,
+    ProductDetailsChanged::NAME,
+    PriceChanged::NAME,
+    StockChanged::NAME,
+    ProductDelisted::NAME,
+];
+
 pub const EVENT_NAMES: &[&str] = &[
     ProductListed::NAME,
     ProductDetailsChanged::NAME,

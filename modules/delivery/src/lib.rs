@@ -13,6 +13,7 @@ mod store;
 use std::sync::Arc;
 
 use actix_web::web;
+use contracts::Event;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::Db;
 use kernel::bus::{BoxFuture, Consumer};
@@ -81,6 +82,10 @@ impl Module for Delivery {
         vec![Consumer {
             name: MODULE,
             source: "checkout",
+            events: &[
+                contracts::checkout::OrderConfirmed::NAME,
+                contracts::checkout::CancellationRequested::NAME,
+            ],
             handler: Arc::new(handlers::CheckoutEvents),
         }]
     }

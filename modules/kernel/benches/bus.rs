@@ -321,8 +321,16 @@ struct Timed {
 }
 
 impl Subscription for Timed {
-    fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, ()> {
+    fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool> {
         self.inner.wait(timeout)
+    }
+
+    fn nothing_new(&mut self) -> Result<bool, BusError> {
+        self.inner.nothing_new()
+    }
+
+    fn may_redeliver(&self) -> bool {
+        self.inner.may_redeliver()
     }
 
     fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError> {
@@ -394,6 +402,7 @@ impl BusRig {
             Consumer {
                 name: "beta",
                 source: "alpha",
+                events: &[],
                 handler: Arc::new(Handler {
                     tracker: tracker.clone(),
                 }),

@@ -207,6 +207,7 @@ fn engine(db: &Db, handler: Arc<Recorder>, policy: RetryPolicy) -> ConsumerEngin
     let consumer = Consumer {
         name: handler.consumer,
         source: "alpha",
+        events: &[],
         handler,
     };
     ConsumerEngine::new(consumer, db.clone(), policy, Arc::new(Metrics::default()))

@@ -10,6 +10,7 @@ pub mod sender;
 use std::sync::Arc;
 
 use actix_web::web;
+use contracts::Event;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::Db;
 use kernel::bus::Consumer;
@@ -104,11 +105,20 @@ impl Module for Notification {
             Consumer {
                 name: MODULE,
                 source: "checkout",
+                events: &[
+                    contracts::checkout::OrderConfirmed::NAME,
+                    contracts::checkout::OrderRejected::NAME,
+                    contracts::checkout::OrderCancelled::NAME,
+                ],
                 handler: handler.clone(),
             },
             Consumer {
                 name: MODULE,
                 source: "delivery",
+                events: &[
+                    contracts::delivery::ShipmentDispatched::NAME,
+                    contracts::delivery::ShipmentDelivered::NAME,
+                ],
                 handler,
             },
         ]

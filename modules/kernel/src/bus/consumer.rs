@@ -23,6 +23,8 @@ use crate::schema::{colony_dead_letters, colony_deferred, colony_inbox};
 pub struct PassReport {
     pub pulled: usize,
     pub handled: usize,
+    /// Events of the source this consumer does not act on.
+    pub passed_by: usize,
     pub duplicates: usize,
     pub queued_behind: usize,
     pub retried: usize,
@@ -121,6 +123,10 @@ impl ConsumerEngine {
                 HashSet::new()
             };
             for event in &events {
+                if !self.consumer.wants(&event.name) {
+                    report.passed_by += 1;
+                    continue;
+                }
                 if seen.contains(&event.event_id.to_string()) {
                     report.duplicates += 1;
                     continue;
@@ -435,16 +441,27 @@ impl ConsumerEngine {
         );
         async move {
             let mut failures: u32 = 0;
+            // A wake-up for new events may skip the pass when nothing is new and no
+            // retry is due; a timeout, a nudge or a failure always runs one.
+            let mut may_skip = false;
+            let mut next_due: Option<NaiveDateTime> = None;
             while !*shutdown.borrow() {
-                let Some((returned, result)) = engine.clone().pass_blocking(sub).await else {
+                let retry_due = next_due.is_some_and(|d| d <= crate::time::now());
+                let skip = may_skip && !retry_due;
+                let Some((returned, result)) = engine.clone().pass_blocking(sub, skip).await else {
                     break;
                 };
                 sub = returned;
                 sub.settle(result.is_ok()).await;
                 let wait = match &result {
-                    Ok(report) => {
+                    Ok(None) => {
                         failures = 0;
-                        engine.idle_time(report)
+                        engine.idle_time(0, next_due)
+                    }
+                    Ok(Some(report)) => {
+                        failures = 0;
+                        next_due = report.next_due;
+                        engine.idle_time(report.pulled, next_due)
                     }
                     Err(e) => {
                         failures = failures.saturating_add(1);
@@ -453,11 +470,12 @@ impl ConsumerEngine {
                         Duration::from_millis(250).max(Duration::from_secs(secs) / 4)
                     }
                 };
+                may_skip = false;
                 if wait.is_zero() {
                     continue;
                 }
                 tokio::select! {
-                    () = sub.wait(wait) => {}
+                    woken = sub.wait(wait) => may_skip = woken && result.is_ok(),
                     _ = nudges.changed() => {}
                     _ = shutdown.changed() => {}
                 }
@@ -469,12 +487,12 @@ impl ConsumerEngine {
     }
 
     /// How long to sleep after a pass: not at all while batches come full.
-    fn idle_time(&self, report: &PassReport) -> Duration {
-        if report.pulled >= self.policy.batch_size {
+    fn idle_time(&self, pulled: usize, next_due: Option<NaiveDateTime>) -> Duration {
+        if pulled >= self.policy.batch_size {
             return Duration::ZERO;
         }
         let poll = self.policy.poll_interval;
-        match report.next_due {
+        match next_due {
             Some(due) => {
                 let until = (due - crate::time::now())
                     .to_std()
@@ -485,15 +503,21 @@ impl ConsumerEngine {
         }
     }
 
-    /// Runs a pass on the blocking pool; `None` when the runtime is shutting down.
+    /// Runs a pass on the blocking pool (`Ok(None)`: skipped, nothing was new);
+    /// `None` when the runtime is shutting down.
     async fn pass_blocking(
         self: Arc<Self>,
         mut sub: Box<dyn Subscription>,
-    ) -> Option<(Box<dyn Subscription>, Result<PassReport, BusError>)> {
+        may_skip: bool,
+    ) -> Option<(Box<dyn Subscription>, Result<Option<PassReport>, BusError>)> {
         let handle = tokio::task::spawn_blocking(move || {
             let run = std::panic::AssertUnwindSafe(|| {
+                if may_skip && sub.nothing_new()? {
+                    return Ok(None);
+                }
                 let mut conn = self.db.pool().get().map_err(DbError::from)?;
                 self.pass(&mut conn, sub.as_mut(), crate::time::now())
+                    .map(Some)
             });
             // A panicking handler must not take the consumer down: the transaction
             // was rolled back with the connection, and the batch comes again.

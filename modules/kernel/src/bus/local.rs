@@ -51,6 +51,7 @@ impl Transport for LocalTransport {
             consumer: consumer.to_string(),
             source: db.clone(),
             commits: db.commits(),
+            known_position: None,
         }))
     }
 
@@ -63,6 +64,8 @@ struct LocalSubscription {
     consumer: String,
     source: Db,
     commits: watch::Receiver<u64>,
+    /// The position as this process last read or wrote it; it never moves back.
+    known_position: Option<i64>,
 }
 
 impl LocalSubscription {
@@ -98,14 +101,26 @@ impl LocalSubscription {
 }
 
 impl Subscription for LocalSubscription {
-    fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, ()> {
+    fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool> {
         Box::pin(async move {
-            let _ = tokio::time::timeout(timeout, self.commits.changed()).await;
+            matches!(
+                tokio::time::timeout(timeout, self.commits.changed()).await,
+                Ok(Ok(()))
+            )
         })
+    }
+
+    fn nothing_new(&mut self) -> Result<bool, BusError> {
+        let Some(known) = self.known_position else {
+            return Ok(false);
+        };
+        let mut source_conn = self.source.pool().get().map_err(DbError::from)?;
+        Ok(outbox::last_sequence(&mut source_conn)? <= known)
     }
 
     fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError> {
         let after = self.lock_position(conn)?;
+        self.known_position = Some(after);
         let mut source_conn = self.source.pool().get().map_err(DbError::from)?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
         outbox::read_after(&mut source_conn, self.source.module(), after, limit)?
@@ -115,6 +130,7 @@ impl Subscription for LocalSubscription {
     }
 
     fn advance(&mut self, conn: &mut AnyConnection, last: &Envelope) -> Result<(), BusError> {
+        self.known_position = Some(last.sequence);
         diesel::update(positions::table.find((self.consumer.as_str(), self.source.module())))
             .set((
                 positions::position.eq(last.sequence),
@@ -129,8 +145,12 @@ impl Subscription for LocalSubscription {
         false
     }
 
-    fn settle(&mut self, _committed: bool) -> BoxFuture<'_, ()> {
-        // The position moved (or not) with the consumer's own commit.
+    fn settle(&mut self, committed: bool) -> BoxFuture<'_, ()> {
+        // The position moved (or not) with the consumer's own commit; after a
+        // rollback what this process believes of it is no longer sure.
+        if !committed {
+            self.known_position = None;
+        }
         Box::pin(async {})
     }
 

@@ -59,7 +59,16 @@ pub struct Consumer {
     pub name: &'static str,
     /// The module whose events it reads.
     pub source: &'static str,
+    /// The event names the handler acts on; others pass by without a transaction
+    /// of their own or an inbox record. Empty: every event of the source.
+    pub events: &'static [&'static str],
     pub handler: Arc<dyn EventHandler>,
+}
+
+impl Consumer {
+    pub fn wants(&self, name: &str) -> bool {
+        self.events.is_empty() || self.events.contains(&name)
+    }
 }
 
 /// Retry and batching rules of consumers.
@@ -120,8 +129,14 @@ pub enum BusError {
 /// events after it are pulled in order, and they count as delivered only once the
 /// consumer's transaction has committed (`settle(true)`); otherwise they come again.
 pub trait Subscription: Send + 'static {
-    /// Waits until new events may be available, or `timeout` passes.
-    fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, ()>;
+    /// Waits until new events may be available (`true`), or `timeout` passes (`false`).
+    fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool>;
+    /// Cheaply and outside any transaction: `true` only when certainly nothing waits
+    /// after this consumer's position (a wake-up for a commit that published nothing
+    /// it has not seen). `false` when unsure.
+    fn nothing_new(&mut self) -> Result<bool, BusError> {
+        Ok(false)
+    }
     /// Inside the consumer's transaction: claims this consumer's turn on the source
     /// (replicas take turns) and returns up to `max` events after its position.
     fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError>;
