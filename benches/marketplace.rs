@@ -191,7 +191,18 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
         verdict(ratio_b >= 0.3),
         rate_b / raw_one
     );
+    let draining = Instant::now();
     settle(&rig, &placed).await?;
+    let drained_in = draining.elapsed();
+    let saga = saga_span(&rig, &placed).await?;
+    println!(
+        "    saga: the {} orders were all confirmed {:.2} s after the first was placed ({:.0} orders/s end to end; \
+         {:.2} s of draining after placements stopped)",
+        placed.len(),
+        saga,
+        placed.len() as f64 / saga,
+        drained_in.as_secs_f64()
+    );
 
     // (c) latency at half of (b)'s rate.
     let pace = (rate_b / 2.0).max(1.0);
@@ -200,6 +211,7 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
     let placed = paced(&rig, &customers, pace).await?;
     settle(&rig, &placed).await?;
     let latencies = saga_latencies(&rig, &placed).await?;
+    let (to_reserved, to_confirmed) = saga_hops(&rig, &placed).await?;
     let p = percentiles(latencies);
     println!(
         "(c) placement → confirmed at {pace:.0}/s: p50 {:.2} ms, p99 {:.2} ms {}, max {:.2} ms",
@@ -207,6 +219,12 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
         p.p99,
         verdict(p.p99 <= 50.0),
         p.max
+    );
+    let (r, c) = (percentiles(to_reserved), percentiles(to_confirmed));
+    println!(
+        "    of which placed → stock reserved (catalog): p50 {:.2} ms, p99 {:.2} ms; \
+         reserved → confirmed (checkout, payment): p50 {:.2} ms, p99 {:.2} ms",
+        r.p50, r.p99, c.p50, c.p99
     );
     println!("    targets: p99 ≤ 50 ms");
 
@@ -426,19 +444,24 @@ async fn settle(rig: &Rig, placed: &[(String, String)]) -> Result<()> {
     Ok(())
 }
 
-/// Per order: from its `order_placed` commit to its `order_confirmed` commit, in ms,
-/// read from checkout's outbox.
-async fn saga_latencies(rig: &Rig, placed: &[(String, String)]) -> Result<Vec<f64>> {
-    let checkout = rig
-        .app
-        .module("checkout")
-        .context("checkout runs here")?
-        .db
-        .clone();
+/// Seconds from the first `order_placed` to the last `order_confirmed` of `placed`.
+async fn saga_span(rig: &Rig, placed: &[(String, String)]) -> Result<f64> {
+    let (placed_at, confirmed_at) = saga_marks(rig).await?;
+    let first = placed.iter().filter_map(|(_, id)| placed_at.get(id)).min().copied();
+    let last = placed.iter().filter_map(|(_, id)| confirmed_at.get(id)).max().copied();
+    match (first, last) {
+        (Some(f), Some(l)) => Ok((l - f).num_microseconds().unwrap_or(0) as f64 / 1e6),
+        _ => bail!("no saga events for these orders"),
+    }
+}
+
+type Marks = HashMap<String, chrono::DateTime<chrono::Utc>>;
+
+/// When each order was placed and confirmed, from checkout's outbox.
+async fn saga_marks(rig: &Rig) -> Result<(Marks, Marks)> {
+    let checkout = rig.app.module("checkout").context("checkout runs here")?.db.clone();
     let events = checkout
-        .read(|conn| {
-            kernel::outbox::read_after(conn, "checkout", 0, i64::MAX / 2).map_err(DbError::from)
-        })
+        .read(|conn| kernel::outbox::read_after(conn, "checkout", 0, i64::MAX / 2).map_err(DbError::from))
         .await?;
     let mut placed_at = HashMap::new();
     let mut confirmed_at = HashMap::new();
@@ -446,12 +469,44 @@ async fn saga_latencies(rig: &Rig, placed: &[(String, String)]) -> Result<Vec<f6
         let event = event.map_err(|e| anyhow!(e))?;
         match event.name.as_str() {
             "checkout.order_placed.v1" => placed_at.insert(event.aggregate_id, event.occurred_at),
-            "checkout.order_confirmed.v1" => {
-                confirmed_at.insert(event.aggregate_id, event.occurred_at)
-            }
+            "checkout.order_confirmed.v1" => confirmed_at.insert(event.aggregate_id, event.occurred_at),
             _ => None,
         };
     }
+    Ok((placed_at, confirmed_at))
+}
+
+/// Per order, the two hops of the saga: placed → catalog reserved the stock, and
+/// reserved → checkout confirmed (the payment step), in ms.
+async fn saga_hops(rig: &Rig, placed: &[(String, String)]) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (placed_at, confirmed_at) = saga_marks(rig).await?;
+    let catalog = rig.app.module("catalog").context("catalog runs here")?.db.clone();
+    let events = catalog
+        .read(|conn| kernel::outbox::read_after(conn, "catalog", 0, i64::MAX / 2).map_err(DbError::from))
+        .await?;
+    let mut reserved_at = HashMap::new();
+    for event in events {
+        let event = event.map_err(|e| anyhow!(e))?;
+        if event.name == "catalog.stock_reserved.v1" {
+            reserved_at.insert(event.aggregate_id, event.occurred_at);
+        }
+    }
+    let ms = |d: chrono::Duration| d.num_microseconds().unwrap_or(0) as f64 / 1000.0;
+    let mut first = Vec::new();
+    let mut second = Vec::new();
+    for (_, id) in placed {
+        if let (Some(p), Some(r), Some(c)) = (placed_at.get(id), reserved_at.get(id), confirmed_at.get(id)) {
+            first.push(ms(*r - *p));
+            second.push(ms(*c - *r));
+        }
+    }
+    Ok((first, second))
+}
+
+/// Per order: from its `order_placed` commit to its `order_confirmed` commit, in ms,
+/// read from checkout's outbox.
+async fn saga_latencies(rig: &Rig, placed: &[(String, String)]) -> Result<Vec<f64>> {
+    let (placed_at, confirmed_at) = saga_marks(rig).await?;
     placed
         .iter()
         .map(|(_, id)| {

@@ -3,6 +3,7 @@
 //! write transaction every state change goes through.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
@@ -284,6 +285,9 @@ pub struct Db {
     pool: DbPool,
     committed: watch::Sender<u64>,
     nudged: watch::Sender<u64>,
+    /// SQLite has one writer per file: writers of this process queue here, in
+    /// order, instead of in SQLite's busy handler, which sleeps up to 100 ms a try.
+    writer: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Db {
@@ -294,6 +298,7 @@ impl Db {
             pool,
             committed: watch::Sender::new(0),
             nudged: watch::Sender::new(0),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -329,6 +334,14 @@ impl Db {
         self.nudged.send_modify(|n| *n = n.wrapping_add(1));
     }
 
+    /// This process's turn to write (SQLite only; PostgreSQL locks rows, not files).
+    pub async fn write_turn(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        match self.backend {
+            Backend::Sqlite => Some(self.writer.clone().lock_owned().await),
+            Backend::Postgres => None,
+        }
+    }
+
     /// Runs `f` in a write transaction on a pooled connection, off the async
     /// runtime, and wakes this module's consumers once it has committed.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
@@ -338,9 +351,12 @@ impl Db {
         F: FnOnce(&mut AnyConnection) -> Result<T, E> + Send + 'static,
     {
         let pool = self.pool.clone();
+        let turn = self.write_turn().await;
         let result = tokio::task::spawn_blocking(move || {
             let mut conn = pool.get().map_err(DbError::from)?;
-            write_tx(&mut conn, f)
+            let result = write_tx(&mut conn, f);
+            drop(turn);
+            result
         })
         .await
         .map_err(|e| DbError::Join(e.to_string()))?;

@@ -510,6 +510,7 @@ impl ConsumerEngine {
         mut sub: Box<dyn Subscription>,
         may_skip: bool,
     ) -> Option<(Box<dyn Subscription>, Result<Option<PassReport>, BusError>)> {
+        let turn = self.db.write_turn().await;
         let handle = tokio::task::spawn_blocking(move || {
             let run = std::panic::AssertUnwindSafe(|| {
                 if may_skip && sub.nothing_new()? {
@@ -523,6 +524,7 @@ impl ConsumerEngine {
             // was rolled back with the connection, and the batch comes again.
             let result = std::panic::catch_unwind(run)
                 .unwrap_or_else(|_| Err(BusError::Transport("event handler panicked".into())));
+            drop(turn);
             (sub, result)
         });
         handle.await.ok()
