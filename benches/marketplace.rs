@@ -447,8 +447,16 @@ async fn settle(rig: &Rig, placed: &[(String, String)]) -> Result<()> {
 /// Seconds from the first `order_placed` to the last `order_confirmed` of `placed`.
 async fn saga_span(rig: &Rig, placed: &[(String, String)]) -> Result<f64> {
     let (placed_at, confirmed_at) = saga_marks(rig).await?;
-    let first = placed.iter().filter_map(|(_, id)| placed_at.get(id)).min().copied();
-    let last = placed.iter().filter_map(|(_, id)| confirmed_at.get(id)).max().copied();
+    let first = placed
+        .iter()
+        .filter_map(|(_, id)| placed_at.get(id))
+        .min()
+        .copied();
+    let last = placed
+        .iter()
+        .filter_map(|(_, id)| confirmed_at.get(id))
+        .max()
+        .copied();
     match (first, last) {
         (Some(f), Some(l)) => Ok((l - f).num_microseconds().unwrap_or(0) as f64 / 1e6),
         _ => bail!("no saga events for these orders"),
@@ -459,9 +467,16 @@ type Marks = HashMap<String, chrono::DateTime<chrono::Utc>>;
 
 /// When each order was placed and confirmed, from checkout's outbox.
 async fn saga_marks(rig: &Rig) -> Result<(Marks, Marks)> {
-    let checkout = rig.app.module("checkout").context("checkout runs here")?.db.clone();
+    let checkout = rig
+        .app
+        .module("checkout")
+        .context("checkout runs here")?
+        .db
+        .clone();
     let events = checkout
-        .read(|conn| kernel::outbox::read_after(conn, "checkout", 0, i64::MAX / 2).map_err(DbError::from))
+        .read(|conn| {
+            kernel::outbox::read_after(conn, "checkout", 0, i64::MAX / 2).map_err(DbError::from)
+        })
         .await?;
     let mut placed_at = HashMap::new();
     let mut confirmed_at = HashMap::new();
@@ -469,7 +484,9 @@ async fn saga_marks(rig: &Rig) -> Result<(Marks, Marks)> {
         let event = event.map_err(|e| anyhow!(e))?;
         match event.name.as_str() {
             "checkout.order_placed.v1" => placed_at.insert(event.aggregate_id, event.occurred_at),
-            "checkout.order_confirmed.v1" => confirmed_at.insert(event.aggregate_id, event.occurred_at),
+            "checkout.order_confirmed.v1" => {
+                confirmed_at.insert(event.aggregate_id, event.occurred_at)
+            }
             _ => None,
         };
     }
@@ -480,9 +497,16 @@ async fn saga_marks(rig: &Rig) -> Result<(Marks, Marks)> {
 /// reserved → checkout confirmed (the payment step), in ms.
 async fn saga_hops(rig: &Rig, placed: &[(String, String)]) -> Result<(Vec<f64>, Vec<f64>)> {
     let (placed_at, confirmed_at) = saga_marks(rig).await?;
-    let catalog = rig.app.module("catalog").context("catalog runs here")?.db.clone();
+    let catalog = rig
+        .app
+        .module("catalog")
+        .context("catalog runs here")?
+        .db
+        .clone();
     let events = catalog
-        .read(|conn| kernel::outbox::read_after(conn, "catalog", 0, i64::MAX / 2).map_err(DbError::from))
+        .read(|conn| {
+            kernel::outbox::read_after(conn, "catalog", 0, i64::MAX / 2).map_err(DbError::from)
+        })
         .await?;
     let mut reserved_at = HashMap::new();
     for event in events {
@@ -495,7 +519,9 @@ async fn saga_hops(rig: &Rig, placed: &[(String, String)]) -> Result<(Vec<f64>, 
     let mut first = Vec::new();
     let mut second = Vec::new();
     for (_, id) in placed {
-        if let (Some(p), Some(r), Some(c)) = (placed_at.get(id), reserved_at.get(id), confirmed_at.get(id)) {
+        if let (Some(p), Some(r), Some(c)) =
+            (placed_at.get(id), reserved_at.get(id), confirmed_at.get(id))
+        {
             first.push(ms(*r - *p));
             second.push(ms(*c - *r));
         }
