@@ -88,22 +88,14 @@ impl actix_web::ResponseError for CartError {
     }
 }
 
-/// Money in integer minor units of an ISO 4217 currency.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct MoneySchema {
-    amount_minor: i64,
-    currency: String,
-}
-
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CartItemView {
     pub product_id: String,
     pub name: String,
     pub quantity: i64,
-    #[schema(value_type = MoneySchema)]
+    #[schema(value_type = kernel::openapi::MoneySchema)]
     pub unit_price: Money,
-    #[schema(value_type = MoneySchema)]
+    #[schema(value_type = kernel::openapi::MoneySchema)]
     pub line_total: Money,
     /// False once the product is delisted: the cart cannot be ordered until it goes.
     pub available: bool,
@@ -113,7 +105,7 @@ pub struct CartItemView {
 pub struct CartView {
     pub items: Vec<CartItemView>,
     /// `null` for an empty cart.
-    #[schema(value_type = Option<MoneySchema>)]
+    #[schema(value_type = Option<kernel::openapi::MoneySchema>)]
     pub total: Option<Money>,
 }
 

@@ -126,21 +126,13 @@ pub struct ProductView {
     pub seller_id: String,
     pub name: String,
     pub description: Option<String>,
-    #[schema(value_type = MoneySchema)]
+    #[schema(value_type = kernel::openapi::MoneySchema)]
     pub price: Money,
     pub stock: StockView,
     /// `listed`, or `delisted` once withdrawn from sale.
     pub status: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-}
-
-/// Money in integer minor units of an ISO 4217 currency.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct MoneySchema {
-    amount_minor: i64,
-    currency: String,
 }
 
 impl From<ProductRow> for ProductView {
@@ -178,7 +170,7 @@ pub struct CreateProduct {
     pub sku: String,
     pub name: String,
     pub description: Option<String>,
-    #[schema(value_type = MoneySchema)]
+    #[schema(value_type = kernel::openapi::MoneySchema)]
     pub price: Money,
     /// Units on hand.
     pub stock: i64,
@@ -200,7 +192,7 @@ pub struct UpdateProduct {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>)]
     pub description: Option<Option<String>>,
-    #[schema(value_type = Option<MoneySchema>)]
+    #[schema(value_type = Option<kernel::openapi::MoneySchema>)]
     pub price: Option<Money>,
 }
 

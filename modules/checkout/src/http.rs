@@ -123,14 +123,6 @@ impl actix_web::ResponseError for CheckoutError {
     }
 }
 
-/// Money in integer minor units of an ISO 4217 currency.
-#[derive(ToSchema)]
-#[allow(dead_code)]
-pub struct MoneySchema {
-    amount_minor: i64,
-    currency: String,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddressBody {
@@ -155,9 +147,9 @@ pub struct OrderItemView {
     pub product_id: String,
     pub name: String,
     pub quantity: i64,
-    #[schema(value_type = MoneySchema)]
+    #[schema(value_type = kernel::openapi::MoneySchema)]
     pub unit_price: Money,
-    #[schema(value_type = MoneySchema)]
+    #[schema(value_type = kernel::openapi::MoneySchema)]
     pub line_total: Money,
 }
 
@@ -167,7 +159,7 @@ pub struct OrderView {
     /// `pending`, `confirmed`, `rejected`, `cancelled` or `fulfilled`.
     pub status: String,
     pub items: Vec<OrderItemView>,
-    #[schema(value_type = MoneySchema)]
+    #[schema(value_type = kernel::openapi::MoneySchema)]
     pub total: Money,
     /// For rejected and cancelled orders: `out_of_stock`, `payment_declined`, `cancelled_by_customer`.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -12,6 +12,7 @@ pub mod error;
 pub mod metrics;
 pub mod migrate;
 pub mod module;
+pub mod openapi;
 pub mod outbox;
 pub mod resilience;
 pub mod schema;
