@@ -274,6 +274,24 @@ struct SmtpServer {
 }
 
 impl SmtpServer {
+    /// Whether Python's aiosmtpd can run here. CI installs it, and there its absence
+    /// fails the test; elsewhere the test says it is skipped.
+    fn available() -> bool {
+        let found = std::process::Command::new("python3")
+            .args(["-c", "import aiosmtpd"])
+            .status()
+            .is_ok_and(|s| s.success());
+        let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+        assert!(
+            found || !in_ci,
+            "CI must provide aiosmtpd (pip install aiosmtpd)"
+        );
+        if !found {
+            eprintln!("skipped: the SMTP test needs `pip install aiosmtpd`");
+        }
+        found
+    }
+
     fn start() -> Self {
         use std::io::BufRead;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -334,6 +352,9 @@ impl Drop for SmtpServer {
 }
 
 async fn the_smtp_channel_mails_the_customer(db: TestDatabase) {
+    if !SmtpServer::available() {
+        return;
+    }
     let smtp = SmtpServer::start();
     let port = smtp.port;
     let app = spawn_with(db, colony::registry::ALL.to_vec(), move |s| {
