@@ -7,6 +7,7 @@ pub mod cli;
 pub mod observe;
 pub mod ops;
 pub mod registry;
+pub mod remote;
 pub mod runtime;
 pub mod seed;
 pub mod settings;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use contracts::cart::CartQueries;
 use kernel::Db;
 use kernel::bus::{LocalTransport, Transport};
 use kernel::db::{self, Location, PoolOptions};
@@ -98,6 +99,12 @@ pub async fn start(settings: &Settings, specs: &[ModuleSpec]) -> anyhow::Result<
     let mut ports = Ports::default();
     for m in &modules {
         m.module.provide_ports(&mut ports);
+    }
+    // Ports of modules that run elsewhere are HTTP adapters.
+    let is_local = |name: &str| modules.iter().any(|m| m.spec.name == name);
+    if let Some(cart) = settings.remote.get("cart").filter(|_| !is_local("cart")) {
+        let port: Arc<dyn CartQueries> = Arc::new(crate::remote::RemoteCart::new(cart)?);
+        ports.provide(port);
     }
     Ok(Runtime {
         modules,

@@ -85,10 +85,38 @@ impl BusSettings {
     }
 }
 
+/// A module that runs in another process: where, and how patiently to call it.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RemoteSettings {
     pub url: String,
+    /// Longest wait for one call.
+    #[serde(default = "default_remote_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Further tries of an idempotent call that failed on the way (not on a 4xx).
+    #[serde(default = "default_remote_retries")]
+    pub retries: u32,
+    /// Consecutive failed calls that open the circuit, and how long it stays open.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    #[serde(default = "default_breaker_cooldown_ms")]
+    pub breaker_cooldown_ms: u64,
+}
+
+fn default_remote_timeout_ms() -> u64 {
+    2_000
+}
+
+fn default_remote_retries() -> u32 {
+    2
+}
+
+fn default_breaker_failures() -> u32 {
+    5
+}
+
+fn default_breaker_cooldown_ms() -> u64 {
+    5_000
 }
 
 #[derive(Clone, Deserialize)]

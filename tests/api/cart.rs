@@ -198,11 +198,17 @@ async fn each_customer_sees_only_their_own_cart(db: TestDatabase) {
         .get::<dyn CartQueries>()
         .expect("cart offers its port");
     let port: Arc<dyn CartQueries> = port;
-    let snapshot = port.snapshot("alice").await.unwrap();
+    let snapshot = port.snapshot("alice", &Default::default()).await.unwrap();
     assert_eq!(snapshot.lines.len(), 1);
     assert_eq!(snapshot.lines[0].quantity, 3);
     assert_eq!(snapshot.total.unwrap().amount_minor, 300);
-    assert!(port.snapshot("bob").await.unwrap().lines.is_empty());
+    assert!(
+        port.snapshot("bob", &Default::default())
+            .await
+            .unwrap()
+            .lines
+            .is_empty()
+    );
     app.stop().await;
 }
 

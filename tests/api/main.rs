@@ -16,4 +16,5 @@ mod crash;
 mod errors;
 mod notify;
 mod ops;
+mod split;
 mod story;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use actix_web::web;
 use contracts::Event;
-use contracts::cart::{CartQueries, CartSnapshot, PortError, PortFuture};
+use contracts::cart::{CallContext, CartQueries, CartSnapshot, PortError, PortFuture};
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::Db;
 use kernel::bus::Consumer;
@@ -99,7 +99,11 @@ struct LocalCartQueries {
 }
 
 impl CartQueries for LocalCartQueries {
-    fn snapshot<'a>(&'a self, customer_id: &'a str) -> PortFuture<'a, CartSnapshot> {
+    fn snapshot<'a>(
+        &'a self,
+        customer_id: &'a str,
+        _call: &'a CallContext,
+    ) -> PortFuture<'a, CartSnapshot> {
         let customer = customer_id.to_string();
         Box::pin(async move {
             self.db

@@ -6,7 +6,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use contracts::Money;
-use contracts::cart::CartQueries;
+use contracts::cart::{CallContext, CartQueries};
 use contracts::checkout::{Address, CancellationRequested, OrderLine, OrderPlaced};
 use kernel::auth::{Caller, Role};
 use kernel::context::RequestContext;
@@ -331,8 +331,17 @@ pub async fn place_order(
     let cart_port = deps.cart.clone().ok_or_else(|| {
         CheckoutError::CartUnavailable("the cart module is not reachable from this process".into())
     })?;
+    let call = CallContext {
+        bearer: req
+            .headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string),
+        traceparent: Some(ctx.trace.child().to_string()),
+    };
     let cart = cart_port
-        .snapshot(&customer)
+        .snapshot(&customer, &call)
         .await
         .map_err(|e| CheckoutError::CartUnavailable(e.to_string()))?;
     let Some(total) = cart.total.clone() else {

@@ -37,8 +37,21 @@ pub enum PortError {
 
 pub type PortFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, PortError>> + Send + 'a>>;
 
+/// Who is asking, carried across a process boundary: the caller's bearer token
+/// (the other side authorises it as it would the caller) and the trace to continue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CallContext {
+    pub bearer: Option<String>,
+    pub traceparent: Option<String>,
+}
+
 /// Answers questions about carts, now. Bound to the cart module in-process, or to
 /// an HTTP client when cart runs elsewhere.
 pub trait CartQueries: Send + Sync {
-    fn snapshot<'a>(&'a self, customer_id: &'a str) -> PortFuture<'a, CartSnapshot>;
+    /// The customer's cart as it stands.
+    fn snapshot<'a>(
+        &'a self,
+        customer_id: &'a str,
+        call: &'a CallContext,
+    ) -> PortFuture<'a, CartSnapshot>;
 }
