@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use contracts::cart::CartQueries;
 use kernel::Db;
-use kernel::bus::{LocalTransport, Transport};
+use kernel::bus::{LocalTransport, NatsTransport, Transport};
 use kernel::db::{self, Location, PoolOptions};
 use kernel::metrics::Metrics;
 use kernel::migrate;
@@ -25,6 +25,8 @@ pub struct LocalModule {
 pub struct Runtime {
     pub modules: Vec<LocalModule>,
     pub transport: Arc<dyn Transport>,
+    /// The NATS transport, when it carries the events (its relays publish outboxes).
+    pub nats: Option<Arc<NatsTransport>>,
     pub metrics: Arc<Metrics>,
     pub ports: Ports,
 }
@@ -84,17 +86,27 @@ pub async fn start(settings: &Settings, specs: &[ModuleSpec]) -> anyhow::Result<
             module,
         });
     }
-    let transport: Arc<dyn Transport> = match settings.bus.transport {
+    let (transport, nats): (Arc<dyn Transport>, _) = match settings.bus.transport {
         TransportKind::Local => {
             let mut local = LocalTransport::new();
             for m in &modules {
                 local.add_source(m.db.clone());
             }
-            Arc::new(local)
+            (Arc::new(local), None)
         }
-        TransportKind::Nats => anyhow::bail!(
-            "bus.transport = \"nats\" is not available in this build yet; use \"local\""
-        ),
+        TransportKind::Nats => {
+            let nats = Arc::new(
+                NatsTransport::connect(&settings.bus.nats_url, &settings.bus.nats_prefix)
+                    .await
+                    .with_context(|| format!("connecting to NATS at {}", settings.bus.nats_url))?,
+            );
+            for m in &modules {
+                nats.ensure_stream(m.spec.name)
+                    .await
+                    .with_context(|| format!("creating the {} stream", m.spec.name))?;
+            }
+            (nats.clone() as Arc<dyn Transport>, Some(nats))
+        }
     };
     let mut ports = Ports::default();
     for m in &modules {
@@ -109,6 +121,7 @@ pub async fn start(settings: &Settings, specs: &[ModuleSpec]) -> anyhow::Result<
     Ok(Runtime {
         modules,
         transport,
+        nats,
         metrics: Arc::new(Metrics::default()),
         ports,
     })

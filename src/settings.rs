@@ -66,6 +66,7 @@ pub enum TransportKind {
 pub struct BusSettings {
     pub transport: TransportKind,
     pub nats_url: String,
+    pub nats_prefix: String,
     pub batch_size: usize,
     pub poll_interval_ms: u64,
     pub max_attempts: i32,

@@ -143,6 +143,15 @@ fn start_consumers(
             handles.push(tokio::spawn(engine.run(subscription, shutdown.clone())));
         }
     }
+    if let Some(nats) = &runtime.nats {
+        for m in &runtime.modules {
+            let (nats, db, stop) = (nats.clone(), m.db.clone(), shutdown.clone());
+            let poll = policy.poll_interval;
+            handles.push(tokio::spawn(
+                async move { nats.relay(db, poll, stop).await },
+            ));
+        }
+    }
     for m in &runtime.modules {
         for task in m.module.tasks(&runtime.ports, shutdown.clone()) {
             handles.push(tokio::spawn(task));

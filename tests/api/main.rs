@@ -14,6 +14,7 @@ mod cart;
 mod catalog;
 mod crash;
 mod errors;
+mod nats;
 mod notify;
 mod ops;
 mod split;

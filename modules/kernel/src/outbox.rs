@@ -181,3 +181,41 @@ pub fn last_sequence(conn: &mut AnyConnection) -> QueryResult<i64> {
             .get_result(c),
     }
 }
+
+/// The name under which a relay keeps its position among the consumer positions.
+const RELAY: &str = "_relay";
+
+/// How far a publishing transport has relayed this module's outbox.
+pub fn relay_position(conn: &mut AnyConnection, source: &str) -> QueryResult<i64> {
+    use crate::schema::colony_consumer_positions as p;
+    Ok(p::table
+        .find((RELAY, source))
+        .select(p::position)
+        .get_result::<i64>(conn)
+        .optional()?
+        .unwrap_or(0))
+}
+
+/// Records that the transport acknowledged everything through `sequence`.
+pub fn set_relay_position(
+    conn: &mut AnyConnection,
+    source: &str,
+    sequence: i64,
+) -> QueryResult<()> {
+    use crate::schema::colony_consumer_positions as p;
+    let now = crate::time::now();
+    let updated = diesel::update(p::table.find((RELAY, source)))
+        .set((p::position.eq(sequence), p::updated_at.eq(now)))
+        .execute(conn)?;
+    if updated == 0 {
+        diesel::insert_into(p::table)
+            .values((
+                p::consumer.eq(RELAY),
+                p::source.eq(source),
+                p::position.eq(sequence),
+                p::updated_at.eq(now),
+            ))
+            .execute(conn)?;
+    }
+    Ok(())
+}

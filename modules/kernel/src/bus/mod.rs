@@ -8,6 +8,7 @@
 mod consumer;
 pub mod dead_letters;
 mod local;
+pub mod nats;
 pub mod stats;
 
 use std::future::Future;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 pub use consumer::{ConsumerEngine, PassReport};
 pub use local::LocalTransport;
+pub use nats::NatsTransport;
 
 use crate::db::{AnyConnection, DbError};
 use crate::envelope::Envelope;

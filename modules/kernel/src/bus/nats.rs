@@ -1,0 +1,328 @@
+//! The NATS JetStream transport: a stream per producing module (subjects
+//! `colony.<module>.<event>`), a durable pull consumer per consuming module, the
+//! event id as `Nats-Msg-Id` so the server drops duplicates. A relay per local
+//! module publishes its outbox, many messages in flight, and marks rows relayed
+//! only once their acks came back. Consumers acknowledge a batch only after their
+//! transaction committed; after a rollback the same batch is handled again, in order.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
+use super::{BoxFuture, BusError, Subscription, Transport};
+use crate::db::{AnyConnection, Db, DbError};
+use crate::envelope::Envelope;
+use crate::outbox;
+
+/// Longest a delivered event stays unacknowledged before the server delivers it
+/// again (a consumer process that died mid-batch).
+const ACK_WAIT: Duration = Duration::from_secs(10);
+const RELAY_BATCH: i64 = 256;
+
+pub struct NatsTransport {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// First subject token and stream name prefix: `colony` unless several
+    /// installations (or tests) share one server.
+    prefix: String,
+}
+
+fn transport_error(e: impl std::fmt::Display) -> BusError {
+    BusError::Transport(e.to_string())
+}
+
+/// The stream of `source`'s events.
+pub fn stream_name(prefix: &str, source: &str) -> String {
+    format!(
+        "{}_{}",
+        prefix.to_ascii_uppercase(),
+        source.to_ascii_uppercase()
+    )
+}
+
+/// The subject of an event: `<prefix>.<module>.<event>.v<N>`.
+pub fn subject(prefix: &str, envelope: &Envelope) -> String {
+    format!("{prefix}.{}", envelope.name)
+}
+
+impl NatsTransport {
+    /// Connects to `url`; the client reconnects by itself after a drop. `prefix`
+    /// names the subjects and streams (`colony` by default).
+    pub async fn connect(url: &str, prefix: &str) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(url)
+            .await
+            .map_err(transport_error)?;
+        let js = jetstream::new(client.clone());
+        Ok(Self {
+            client,
+            js,
+            prefix: prefix.to_string(),
+        })
+    }
+
+    /// Creates the stream of `source` if missing (idempotent; every process that
+    /// publishes or reads it may call this).
+    pub async fn ensure_stream(&self, source: &str) -> Result<(), BusError> {
+        ensure_stream(&self.js, &self.prefix, source)
+            .await
+            .map(|_| ())
+    }
+
+    /// Deletes the stream of `source` with everything in it (test teardown).
+    pub async fn delete_stream(&self, source: &str) -> Result<(), BusError> {
+        self.js
+            .delete_stream(stream_name(&self.prefix, source))
+            .await
+            .map(|_| ())
+            .map_err(transport_error)
+    }
+
+    /// Publishes `db`'s outbox until `shutdown`: woken by its commits, polling as a
+    /// fallback; a failed publish is tried again (the server drops duplicates).
+    pub async fn relay(&self, db: Db, poll: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut commits = db.commits();
+        while !*shutdown.borrow() {
+            let wait = match self.relay_once(&db).await {
+                Ok(n) if n >= usize::try_from(RELAY_BATCH).unwrap_or(usize::MAX) => continue,
+                Ok(_) => poll,
+                Err(e) => {
+                    tracing::warn!(module = db.module(), error = %e, "outbox relay failed; retrying");
+                    Duration::from_millis(500).min(poll)
+                }
+            };
+            tokio::select! {
+                _ = commits.changed() => {}
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// One round: publish what is not yet relayed, then mark what the server acked.
+    async fn relay_once(&self, db: &Db) -> Result<usize, BusError> {
+        let source = db.module();
+        let rows = db
+            .read(move |conn| {
+                let after = outbox::relay_position(conn, source)?;
+                outbox::read_after(conn, source, after, RELAY_BATCH).map_err(DbError::from)
+            })
+            .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut pending = Vec::with_capacity(rows.len());
+        for row in rows {
+            let envelope = row.map_err(BusError::Corrupt)?;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", envelope.event_id.to_string().as_str());
+            let payload =
+                serde_json::to_vec(&envelope).map_err(|e| BusError::Corrupt(e.to_string()))?;
+            let ack = self
+                .js
+                .publish_with_headers(subject(&self.prefix, &envelope), headers, payload.into())
+                .await
+                .map_err(transport_error)?;
+            pending.push((envelope.sequence, ack));
+        }
+        let mut acked = Vec::with_capacity(pending.len());
+        let mut failure = None;
+        for (sequence, ack) in pending {
+            match ack.await {
+                Ok(_) => acked.push(sequence),
+                Err(e) => {
+                    // Later ones may be stored, but the outbox keeps order: stop here.
+                    failure = Some(transport_error(e));
+                    break;
+                }
+            }
+        }
+        let count = acked.len();
+        if let Some(&last) = acked.last() {
+            db.write(move |conn| {
+                outbox::set_relay_position(conn, source, last).map_err(DbError::from)
+            })
+            .await?;
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(count),
+        }
+    }
+}
+
+async fn ensure_stream(
+    js: &jetstream::Context,
+    prefix: &str,
+    source: &str,
+) -> Result<jetstream::stream::Stream, BusError> {
+    js.get_or_create_stream(jetstream::stream::Config {
+        name: stream_name(prefix, source),
+        subjects: vec![format!("{prefix}.{source}.>")],
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .map_err(transport_error)
+}
+
+impl Transport for NatsTransport {
+    fn name(&self) -> &'static str {
+        "nats"
+    }
+
+    fn reaches(&self, _source: &str) -> bool {
+        true
+    }
+
+    fn subscribe(&self, consumer: &str, source: &str) -> Result<Box<dyn Subscription>, BusError> {
+        Ok(Box::new(NatsSubscription {
+            js: self.js.clone(),
+            prefix: self.prefix.clone(),
+            source: source.to_string(),
+            durable: consumer.to_string(),
+            consumer: None,
+            buffer: VecDeque::new(),
+            pulled: Vec::new(),
+        }))
+    }
+
+    fn is_up(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+struct NatsSubscription {
+    js: jetstream::Context,
+    prefix: String,
+    source: String,
+    durable: String,
+    consumer: Option<PullConsumer>,
+    /// Delivered, not yet handed to a pass.
+    buffer: VecDeque<(Envelope, jetstream::Message)>,
+    /// Handed to the pass in progress; acknowledged once it commits.
+    pulled: Vec<(Envelope, jetstream::Message)>,
+}
+
+impl NatsSubscription {
+    async fn consumer(&mut self) -> Result<PullConsumer, BusError> {
+        if let Some(consumer) = &self.consumer {
+            return Ok(consumer.clone());
+        }
+        let stream = ensure_stream(&self.js, &self.prefix, &self.source).await?;
+        let consumer: PullConsumer = stream
+            .get_or_create_consumer(
+                &self.durable,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(self.durable.clone()),
+                    filter_subject: format!("{}.{}.>", self.prefix, self.source),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    max_ack_pending: 1024,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(transport_error)?;
+        self.consumer = Some(consumer.clone());
+        Ok(consumer)
+    }
+
+    fn keep(&mut self, message: jetstream::Message) {
+        match serde_json::from_slice::<Envelope>(&message.message.payload) {
+            Ok(envelope) => self.buffer.push_back((envelope, message)),
+            Err(e) => {
+                // Not an envelope: nothing can ever handle it. Drop it for good.
+                tracing::error!(subject = %message.message.subject, error = %e, "undecodable message terminated");
+                tokio::spawn(async move {
+                    let _ = message.ack_with(jetstream::AckKind::Term).await;
+                });
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for the first message, then takes what else is there.
+    async fn receive(&mut self, timeout: Duration) -> Result<(), BusError> {
+        let consumer = self.consumer().await?;
+        let mut first = consumer
+            .batch()
+            .max_messages(1)
+            .expires(timeout.max(Duration::from_millis(100)))
+            .messages()
+            .await
+            .map_err(transport_error)?;
+        while let Some(message) = first.next().await {
+            self.keep(message.map_err(transport_error)?);
+        }
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let mut rest = consumer
+            .fetch()
+            .max_messages(255)
+            .messages()
+            .await
+            .map_err(transport_error)?;
+        while let Some(message) = rest.next().await {
+            self.keep(message.map_err(transport_error)?);
+        }
+        Ok(())
+    }
+}
+
+impl Subscription for NatsSubscription {
+    fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            if self.buffer.is_empty() {
+                if let Err(e) = self.receive(timeout).await {
+                    tracing::warn!(consumer = %self.durable, source = %self.source, error = %e, "receiving from NATS failed");
+                    self.consumer = None;
+                    tokio::time::sleep(timeout.min(Duration::from_millis(500))).await;
+                }
+            }
+            !self.buffer.is_empty()
+        })
+    }
+
+    fn pull(&mut self, _conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError> {
+        let take = max.min(self.buffer.len());
+        self.pulled = self.buffer.drain(..take).collect();
+        Ok(self.pulled.iter().map(|(e, _)| e.clone()).collect())
+    }
+
+    fn advance(&mut self, _conn: &mut AnyConnection, _last: &Envelope) -> Result<(), BusError> {
+        // The position is the server's, moved by the acknowledgements after commit.
+        Ok(())
+    }
+
+    fn may_redeliver(&self) -> bool {
+        true
+    }
+
+    fn settle(&mut self, committed: bool) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let pulled = std::mem::take(&mut self.pulled);
+            if committed {
+                for (_, message) in pulled {
+                    if let Err(e) = message.ack().await {
+                        // It comes again after the ack wait; the inbox makes it a no-op.
+                        tracing::warn!(error = %e, "acknowledging a handled event failed");
+                    }
+                }
+            } else {
+                // Handled again next pass, before anything delivered after it.
+                for item in pulled.into_iter().rev() {
+                    self.buffer.push_front(item);
+                }
+            }
+        })
+    }
+
+    fn lag(&mut self, _conn: &mut AnyConnection) -> Result<Option<i64>, BusError> {
+        Ok(None)
+    }
+}
