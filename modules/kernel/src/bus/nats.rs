@@ -277,12 +277,12 @@ impl NatsSubscription {
 impl Subscription for NatsSubscription {
     fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool> {
         Box::pin(async move {
-            if self.buffer.is_empty() {
-                if let Err(e) = self.receive(timeout).await {
-                    tracing::warn!(consumer = %self.durable, source = %self.source, error = %e, "receiving from NATS failed");
-                    self.consumer = None;
-                    tokio::time::sleep(timeout.min(Duration::from_millis(500))).await;
-                }
+            if self.buffer.is_empty()
+                && let Err(e) = self.receive(timeout).await
+            {
+                tracing::warn!(consumer = %self.durable, source = %self.source, error = %e, "receiving from NATS failed");
+                self.consumer = None;
+                tokio::time::sleep(timeout.min(Duration::from_millis(500))).await;
             }
             !self.buffer.is_empty()
         })
