@@ -383,6 +383,7 @@ fn record(
     answers: Vec<(store::OrderRow, Answer)>,
 ) -> Result<(), DbError> {
     let now = kernel::time::now();
+    let mut outcomes = Vec::new();
     for (claimed, answer) in answers {
         let Some(order) = store::lock(conn, &claimed.id)? else {
             continue;
@@ -411,52 +412,71 @@ fn record(
             continue;
         };
         store::save_state(conn, &order.id, next, None, now)?;
-        publish_outcome(conn, &order, next)?;
         tracing::info!(order.id = %order.id, status = next.status.as_str(), "payment step recorded");
+        if let Some(outcome) = outcome_of(conn, &order, next)? {
+            outcomes.push((order, outcome));
+        }
+    }
+    // Publishing takes the outbox's ordering lock (on PostgreSQL) until commit: last.
+    for (order, outcome) in &outcomes {
+        publish_outcome(conn, order, outcome)?;
     }
     Ok(())
 }
 
-fn publish_outcome(
+/// The event an order's new state calls for (reading what it needs now, so that
+/// publishing, which holds the outbox's ordering lock, is short).
+enum Outcome {
+    Confirmed(OrderConfirmed),
+    Rejected(OrderRejected),
+    Cancelled(OrderCancelled),
+}
+
+fn outcome_of(
     conn: &mut AnyConnection,
     order: &store::OrderRow,
     next: OrderState,
-) -> Result<(), DbError> {
-    let publisher = order.publisher();
+) -> Result<Option<Outcome>, DbError> {
     let order_id = Uuid::parse_str(&order.id).unwrap_or_default();
     let customer_id = order.customer_id.clone();
-    match next.status {
+    Ok(match next.status {
         crate::domain::Status::Confirmed => {
             let lines = store::lines(conn, &order.id)?;
-            let event = OrderConfirmed {
+            Some(Outcome::Confirmed(OrderConfirmed {
                 order_id,
                 customer_id,
                 lines: crate::http::contract_lines(&lines),
                 total: Money::new(order.total_minor, order.currency.clone()),
                 shipping_address: crate::http::address_of(order),
-            };
-            publisher.publish(conn, &order.id, &event)?;
+            }))
         }
-        crate::domain::Status::Rejected => {
-            let event = OrderRejected {
-                order_id,
-                customer_id,
-                reason: next
-                    .reason
-                    .unwrap_or(crate::domain::PAYMENT_DECLINED)
-                    .to_string(),
-            };
-            publisher.publish(conn, &order.id, &event)?;
-        }
-        crate::domain::Status::Cancelled => {
-            let event = OrderCancelled {
-                order_id,
-                customer_id,
-                reason: crate::domain::CANCELLED_BY_CUSTOMER.to_string(),
-            };
-            publisher.publish(conn, &order.id, &event)?;
-        }
-        _ => {}
-    }
+        crate::domain::Status::Rejected => Some(Outcome::Rejected(OrderRejected {
+            order_id,
+            customer_id,
+            reason: next
+                .reason
+                .unwrap_or(crate::domain::PAYMENT_DECLINED)
+                .to_string(),
+        })),
+        crate::domain::Status::Cancelled => Some(Outcome::Cancelled(OrderCancelled {
+            order_id,
+            customer_id,
+            reason: crate::domain::CANCELLED_BY_CUSTOMER.to_string(),
+        })),
+        _ => None,
+    })
+}
+
+fn publish_outcome(
+    conn: &mut AnyConnection,
+    order: &store::OrderRow,
+    outcome: &Outcome,
+) -> Result<(), DbError> {
+    let publisher = order.publisher();
+    match outcome {
+        Outcome::Confirmed(e) => publisher.publish(conn, &order.id, e)?,
+        Outcome::Rejected(e) => publisher.publish(conn, &order.id, e)?,
+        Outcome::Cancelled(e) => publisher.publish(conn, &order.id, e)?,
+    };
     Ok(())
 }
