@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::MODULE;
 use crate::domain::{self, CartRule, PricedLine};
 use crate::store;
 
@@ -70,10 +71,7 @@ impl CartError {
             Self::UnknownProduct(_) => Problem::not_found("product_not_found", detail),
             Self::Unavailable(_) => Problem::unprocessable("product_unavailable", detail),
             Self::Denied(p) => p.clone(),
-            Self::Db(DbError::Pool(_) | DbError::Connect(_)) => {
-                Problem::unavailable("database_unavailable", "the cart database is unavailable")
-            }
-            Self::Db(e) => Problem::internal(e),
+            Self::Db(e) => e.problem(MODULE),
         }
     }
 }

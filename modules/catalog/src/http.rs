@@ -91,11 +91,7 @@ impl CatalogError {
             }
             Self::InvalidCursor => Problem::bad_request("invalid_cursor", detail),
             Self::Denied(p) => p.clone(),
-            Self::Db(DbError::Pool(_) | DbError::Connect(_)) => Problem::unavailable(
-                "database_unavailable",
-                "the catalog database is unavailable",
-            ),
-            Self::Db(e) => Problem::internal(e),
+            Self::Db(e) => e.problem(MODULE),
         }
     }
 }

@@ -104,11 +104,7 @@ impl CheckoutError {
                 Problem::conflict("order_not_cancellable", detail)
             }
             Self::Denied(p) => p.clone(),
-            Self::Db(DbError::Pool(_) | DbError::Connect(_)) => Problem::unavailable(
-                "database_unavailable",
-                "the checkout database is unavailable",
-            ),
-            Self::Db(e) => Problem::internal(e),
+            Self::Db(e) => e.problem(MODULE),
         }
     }
 }

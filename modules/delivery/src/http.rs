@@ -61,11 +61,7 @@ impl DeliveryError {
             Self::Shipping(ShippingError::Query(e)) => Problem::internal(e),
             Self::Shipping(ShippingError::Db(e)) => Problem::internal(e),
             Self::Denied(p) => p.clone(),
-            Self::Db(DbError::Pool(_) | DbError::Connect(_)) => Problem::unavailable(
-                "database_unavailable",
-                "the delivery database is unavailable",
-            ),
-            Self::Db(e) => Problem::internal(e),
+            Self::Db(e) => e.problem(MODULE),
         }
     }
 }

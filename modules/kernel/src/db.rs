@@ -64,6 +64,20 @@ pub enum DbError {
     Join(String),
 }
 
+impl DbError {
+    /// What a client is told: 503 while `module`'s database cannot be reached, else
+    /// a logged 500 that reveals nothing of the database.
+    pub fn problem(&self, module: &str) -> crate::Problem {
+        match self {
+            Self::Pool(_) | Self::Connect(_) => crate::Problem::unavailable(
+                "database_unavailable",
+                format!("the {module} database is unavailable"),
+            ),
+            other => crate::Problem::internal(other),
+        }
+    }
+}
+
 /// Where one module's data lives, resolved from configuration.
 #[derive(Debug, Clone)]
 pub enum Location {

@@ -66,13 +66,7 @@ pub async fn list_notifications(
                 .map_err(DbError::from)
         })
         .await
-        .map_err(|e| match e {
-            DbError::Pool(_) | DbError::Connect(_) => Problem::unavailable(
-                "database_unavailable",
-                "the notification database is unavailable",
-            ),
-            other => Problem::internal(&other),
-        })?;
+        .map_err(|e: DbError| e.problem(crate::MODULE))?;
     let items = rows
         .into_iter()
         .map(
