@@ -16,8 +16,8 @@ use diesel::prelude::*;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::bus::dead_letters::{self, ReplayError};
 use kernel::bus::{
-    Consumer, ConsumerEngine, EventHandler, HandlerError, LocalTransport, RetryPolicy,
-    Subscription, Transport,
+    Consumer, ConsumerEngine, EventHandler, HandlerError, LocalTransport, NatsTransport,
+    RetryPolicy, Subscription, Transport,
 };
 use kernel::db::{self, Location, PoolOptions, write_tx};
 use kernel::metrics::Metrics;
@@ -188,7 +188,16 @@ fn policy() -> RetryPolicy {
 struct Setup {
     producer: Db,
     consumer: Db,
-    transport: LocalTransport,
+    transport: Arc<dyn Transport>,
+    /// With NATS: the transport (to tear its stream down) and the relay's stop switch.
+    nats: Option<(Arc<NatsTransport>, watch::Sender<bool>)>,
+}
+
+/// Which transport carries the events.
+#[derive(Clone, Copy)]
+enum Via {
+    Local,
+    Nats,
 }
 
 fn setup(test_db: &TestDatabase) -> Setup {
@@ -199,8 +208,55 @@ fn setup(test_db: &TestDatabase) -> Setup {
     Setup {
         producer,
         consumer,
-        transport,
+        transport: Arc::new(transport),
+        nats: None,
     }
+}
+
+const NATS_ENV: &str = "COLONY_TEST_NATS_URL";
+
+/// The same, with NATS JetStream between producer and consumer (streams of their
+/// own) and the producer's outbox relay running.
+async fn setup_via(test_db: &TestDatabase, via: Via) -> Setup {
+    let Via::Nats = via else {
+        return setup(test_db);
+    };
+    let url = std::env::var(NATS_ENV).unwrap();
+    let producer = open(test_db, "alpha");
+    let consumer = open(test_db, "beta");
+    let prefix = format!("t{}", Uuid::now_v7().simple());
+    let nats = Arc::new(NatsTransport::connect(&url, &prefix).await.unwrap());
+    nats.ensure_stream("alpha").await.unwrap();
+    let (stop, stopped) = watch::channel(false);
+    let relay = nats.clone();
+    let db = producer.clone();
+    tokio::spawn(async move { relay.relay(db, Duration::from_millis(100), stopped).await });
+    Setup {
+        producer,
+        consumer,
+        transport: nats.clone(),
+        nats: Some((nats, stop)),
+    }
+}
+
+impl Setup {
+    async fn teardown(self) {
+        if let Some((nats, stop)) = self.nats {
+            let _ = stop.send(true);
+            let _ = nats.delete_stream("alpha").await;
+        }
+    }
+}
+
+/// Whether the NATS scenarios can run here (CI must provide the server).
+fn nats_available() -> bool {
+    let set = std::env::var(NATS_ENV).is_ok_and(|u| !u.is_empty());
+    let in_ci = std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false");
+    assert!(set || !in_ci, "CI must provide {NATS_ENV}");
+    if !set {
+        eprintln!("skipped: {NATS_ENV} is not set");
+    }
+    set
 }
 
 fn engine(db: &Db, handler: Arc<Recorder>, policy: RetryPolicy) -> ConsumerEngine {
@@ -251,7 +307,7 @@ async fn eventually(limit: Duration, mut check: impl FnMut() -> bool) -> bool {
     check()
 }
 
-async fn undelivered_events_are_delivered_after_a_restart(test_db: TestDatabase) {
+async fn undelivered_events_are_delivered_after_a_restart(test_db: TestDatabase, via: Via) {
     {
         // The first process commits events, then dies before any consumer ran.
         let first = setup(&test_db);
@@ -259,7 +315,7 @@ async fn undelivered_events_are_delivered_after_a_restart(test_db: TestDatabase)
             publish(&first.producer, "k1", n);
         }
     }
-    let second = setup(&test_db);
+    let second = setup_via(&test_db, via).await;
     let handler = Arc::new(Recorder::new("beta"));
     let engine = engine(&second.consumer, handler, policy());
     let (stop, stopped) = watch::channel(false);
@@ -276,6 +332,7 @@ async fn undelivered_events_are_delivered_after_a_restart(test_db: TestDatabase)
         effects(&second.consumer, "beta"),
         vec![("k1".into(), 1), ("k1".into(), 2), ("k1".into(), 3)]
     );
+    second.teardown().await;
 }
 
 async fn a_redelivered_event_has_no_second_effect(test_db: TestDatabase) {
@@ -299,8 +356,8 @@ async fn a_redelivered_event_has_no_second_effect(test_db: TestDatabase) {
     assert_eq!(effects(&s.consumer, "beta").len(), 2);
 }
 
-async fn a_handler_failing_twice_is_retried_with_growing_delays(test_db: TestDatabase) {
-    let s = setup(&test_db);
+async fn a_handler_failing_twice_is_retried_with_growing_delays(test_db: TestDatabase, via: Via) {
+    let s = setup_via(&test_db, via).await;
     publish(&s.producer, "k1", 1);
     let handler = Arc::new(Recorder::new("beta").script(1, &[Step::Retry, Step::Retry]));
     let slower = RetryPolicy {
@@ -332,6 +389,7 @@ async fn a_handler_failing_twice_is_retried_with_growing_delays(test_db: TestDat
         second_delay > first_delay,
         "{first_delay:?} then {second_delay:?}"
     );
+    s.teardown().await;
 }
 
 async fn a_permanent_failure_is_parked_and_the_consumer_continues(test_db: TestDatabase) {
@@ -396,8 +454,8 @@ async fn a_poison_key_does_not_hold_back_other_keys(test_db: TestDatabase) {
     );
 }
 
-async fn a_broken_consumer_does_not_hold_back_another(test_db: TestDatabase) {
-    let s = setup(&test_db);
+async fn a_broken_consumer_does_not_hold_back_another(test_db: TestDatabase, via: Via) {
+    let s = setup_via(&test_db, via).await;
     let gamma = open(&test_db, "gamma");
     for n in 1..=20 {
         publish(&s.producer, &format!("k{}", n % 4), n);
@@ -427,6 +485,7 @@ async fn a_broken_consumer_does_not_hold_back_another(test_db: TestDatabase) {
         effects(&gamma, "gamma").len()
     );
     assert!(effects(&s.consumer, "beta").is_empty());
+    s.teardown().await;
 }
 
 async fn a_rolled_back_transaction_publishes_nothing(test_db: TestDatabase) {
@@ -519,8 +578,8 @@ async fn replaying_a_dead_letter_delivers_it_once(test_db: TestDatabase) {
     );
 }
 
-async fn concurrent_publishers_lose_nothing_and_keep_key_order(test_db: TestDatabase) {
-    let s = setup(&test_db);
+async fn concurrent_publishers_lose_nothing_and_keep_key_order(test_db: TestDatabase, via: Via) {
+    let s = setup_via(&test_db, via).await;
     let handler = Arc::new(Recorder::new("beta"));
     let engine = engine(&s.consumer, handler, policy());
     let (stop, stopped) = watch::channel(false);
@@ -555,6 +614,71 @@ async fn concurrent_publishers_lose_nothing_and_keep_key_order(test_db: TestData
             assert!(n > prev, "{key}: {n} handled after {prev}");
         }
     }
+    s.teardown().await;
+}
+
+async fn undelivered_events_are_delivered_after_a_restart_locally(test_db: TestDatabase) {
+    undelivered_events_are_delivered_after_a_restart(test_db, Via::Local).await;
+}
+
+async fn a_handler_failing_twice_is_retried_with_growing_delays_locally(test_db: TestDatabase) {
+    a_handler_failing_twice_is_retried_with_growing_delays(test_db, Via::Local).await;
+}
+
+async fn a_broken_consumer_does_not_hold_back_another_locally(test_db: TestDatabase) {
+    a_broken_consumer_does_not_hold_back_another(test_db, Via::Local).await;
+}
+
+async fn concurrent_publishers_lose_nothing_and_keep_key_order_locally(test_db: TestDatabase) {
+    concurrent_publishers_lose_nothing_and_keep_key_order(test_db, Via::Local).await;
+}
+
+/// The scenarios that run the consumer's own loop, with NATS JetStream carrying the
+/// events (SQLite for the databases).
+mod nats {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn undelivered_events_are_delivered_after_a_restart() {
+        if super::nats_available() {
+            super::undelivered_events_are_delivered_after_a_restart(
+                super::TestDatabase::sqlite(),
+                super::Via::Nats,
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_handler_failing_twice_is_retried_with_growing_delays() {
+        if super::nats_available() {
+            super::a_handler_failing_twice_is_retried_with_growing_delays(
+                super::TestDatabase::sqlite(),
+                super::Via::Nats,
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broken_consumer_does_not_hold_back_another() {
+        if super::nats_available() {
+            super::a_broken_consumer_does_not_hold_back_another(
+                super::TestDatabase::sqlite(),
+                super::Via::Nats,
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_publishers_lose_nothing_and_keep_key_order() {
+        if super::nats_available() {
+            super::concurrent_publishers_lose_nothing_and_keep_key_order(
+                super::TestDatabase::sqlite(),
+                super::Via::Nats,
+            )
+            .await;
+        }
+    }
 }
 
 /// Runs each scenario on SQLite, and on PostgreSQL when it is configured.
@@ -583,14 +707,14 @@ macro_rules! on_both_backends {
 }
 
 on_both_backends!(
-    undelivered_events_are_delivered_after_a_restart,
+    undelivered_events_are_delivered_after_a_restart_locally,
     a_redelivered_event_has_no_second_effect,
-    a_handler_failing_twice_is_retried_with_growing_delays,
+    a_handler_failing_twice_is_retried_with_growing_delays_locally,
     a_permanent_failure_is_parked_and_the_consumer_continues,
     a_poison_key_does_not_hold_back_other_keys,
-    a_broken_consumer_does_not_hold_back_another,
+    a_broken_consumer_does_not_hold_back_another_locally,
     a_rolled_back_transaction_publishes_nothing,
     two_bus_instances_never_handle_the_same_event_at_once,
     replaying_a_dead_letter_delivers_it_once,
-    concurrent_publishers_lose_nothing_and_keep_key_order,
+    concurrent_publishers_lose_nothing_and_keep_key_order_locally,
 );
