@@ -244,23 +244,21 @@ pub fn prepare(location: &Location, options: &PoolOptions) -> Result<ModuleConne
                 .as_deref()
                 .map(|p| format!(" PASSWORD '{p}'"))
                 .unwrap_or_default();
-            // Roles are cluster-wide and several databases (or replicas) may provision at
-            // once: tolerate losing the race.
+            // Processes starting together (replicas, a split) take turns: catalog
+            // updates of the same schema or role would otherwise fail with "tuple
+            // concurrently updated". Roles are cluster-wide, so another database may
+            // still create one first: that race is tolerated.
             admin.batch_execute(&format!(
-                "DO $$ BEGIN
+                "BEGIN;
+                 SELECT pg_advisory_xact_lock(hashtext('colony.provision'));
+                 DO $$ BEGIN
                    CREATE ROLE {role} LOGIN{password_clause};
                  EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
-                 END $$;"
+                 END $$;
+                 CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role};
+                 REVOKE ALL ON SCHEMA public FROM {role};
+                 COMMIT;"
             ))?;
-            if let Err(e) = admin.batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {schema} AUTHORIZATION {role};
-                 REVOKE ALL ON SCHEMA public FROM {role};"
-            )) {
-                // A concurrent CREATE SCHEMA of the same name can still collide.
-                if !e.to_string().contains("already exists") {
-                    return Err(e.into());
-                }
-            }
             let url = with_credentials(admin_url, &role, password.as_deref())?;
             Ok(ModuleConnector {
                 target: Target::Postgres {
