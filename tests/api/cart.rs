@@ -193,7 +193,7 @@ async fn each_customer_sees_only_their_own_cart(db: TestDatabase) {
 
     // The query port checkout will use answers the same as the API.
     let port = app
-        .runtime
+        .runtime()
         .ports
         .get::<dyn CartQueries>()
         .expect("cart offers its port");

@@ -331,7 +331,7 @@ async fn a_request_trace_continues_into_the_events_it_publishes(db: TestDatabase
     assert_eq!(res.status(), 201);
     let echoed = res.headers()["traceparent"].to_str().unwrap().to_string();
     assert!(echoed.starts_with(&format!("00-{trace_id}-")), "{echoed}");
-    let catalog = app.runtime.module("catalog").unwrap().db.clone();
+    let catalog = app.runtime().module("catalog").unwrap().db.clone();
     let events = catalog
         .read(|conn| {
             kernel::outbox::read_after(conn, "catalog", 0, 10).map_err(kernel::db::DbError::from)

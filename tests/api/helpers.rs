@@ -16,10 +16,10 @@ use tokio::task::JoinHandle;
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
-    pub runtime: Arc<Runtime>,
+    /// The application in this process; `None` for one running elsewhere.
+    runtime: Option<Arc<Runtime>>,
     auth: Authenticator,
-    handle: ServerHandle,
-    running: JoinHandle<anyhow::Result<()>>,
+    server: Option<(ServerHandle, JoinHandle<anyhow::Result<()>>)>,
     db: TestDatabase,
 }
 
@@ -66,22 +66,41 @@ pub async fn spawn_with(
             .timeout(Duration::from_secs(30))
             .build()
             .expect("client"),
-        runtime,
+        runtime: Some(runtime),
         auth,
-        handle,
-        running,
+        server: Some((handle, running)),
         db,
     }
 }
 
 impl TestApp {
+    /// Colony running elsewhere (other processes), reached at `address`, signing
+    /// tokens with `secret`.
+    pub fn external(address: String, secret: &str, db: TestDatabase) -> Self {
+        TestApp {
+            address,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            runtime: None,
+            auth: Authenticator::new(secret),
+            server: None,
+            db,
+        }
+    }
+
+    /// The application's runtime (only for colony running in this process).
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        self.runtime.as_ref().expect("colony runs in this process")
+    }
+
     /// Stops the server gracefully and hands back its databases (for a restart).
     pub async fn stop(self) -> TestDatabase {
-        self.handle.stop(true).await;
-        self.running
-            .await
-            .expect("joined")
-            .expect("stopped cleanly");
+        if let Some((handle, running)) = self.server {
+            handle.stop(true).await;
+            running.await.expect("joined").expect("stopped cleanly");
+        }
         drop(self.runtime);
         self.db
     }

@@ -18,4 +18,5 @@ mod nats;
 mod notify;
 mod ops;
 mod split;
-mod story;
+pub mod story;
+mod topology;

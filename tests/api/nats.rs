@@ -29,7 +29,7 @@ async fn spawn_on_nats(db: TestDatabase) -> Option<TestApp> {
 }
 
 async fn remove_streams(app: &TestApp) {
-    if let Some(nats) = &app.runtime.nats {
+    if let Some(nats) = &app.runtime().nats {
         for module in colony::registry::names() {
             let _ = nats.delete_stream(module).await;
         }

@@ -26,11 +26,31 @@ async fn customer_with_cart(app: &TestApp, name: &str, items: &[(&str, i64)]) ->
 
 async fn the_whole_story_from_listing_to_fulfilment(db: TestDatabase) {
     let app = spawn_app(db).await;
+    whole_story(&app).await;
+    app.stop().await;
+}
+
+/// The story, told to any colony: one process, or a split behind a proxy.
+pub async fn whole_story(app: &TestApp) {
     let seller = app.seller();
     let admin = app.admin();
-    let tea = id(&app.create_product(&seller, "TEA-1", 450, 10).await);
-    let mug = id(&app.create_product(&seller, "MUG-1", 1200, 5).await);
-    let alice = customer_with_cart(&app, "alice", &[(&tea, 2), (&mug, 1)]).await;
+    let tea = id(&app
+        .create_product(
+            &seller,
+            &format!("TEA-{}", uuid::Uuid::now_v7().simple()),
+            450,
+            10,
+        )
+        .await);
+    let mug = id(&app
+        .create_product(
+            &seller,
+            &format!("MUG-{}", uuid::Uuid::now_v7().simple()),
+            1200,
+            5,
+        )
+        .await);
+    let alice = customer_with_cart(app, "alice", &[(&tea, 2), (&mug, 1)]).await;
 
     let res = app.place_order(&alice, "order-1", "tok_ok").await;
     assert_eq!(res.status(), 202);
@@ -114,7 +134,6 @@ async fn the_whole_story_from_listing_to_fulfilment(db: TestDatabase) {
         .await
         .unwrap();
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
-    app.stop().await;
 }
 
 async fn a_declined_payment_releases_stock_and_keeps_the_cart(db: TestDatabase) {
