@@ -179,7 +179,10 @@ pub fn bus_stats(runtime: &Runtime) -> Vec<(&'static str, Result<BusStats, Strin
                 m.db.pool()
                     .get_timeout(Duration::from_secs(1))
                     .map_err(|e| e.to_string())
-                    .and_then(|mut conn| stats::read(&mut conn, false).map_err(|e| e.to_string()));
+                    .and_then(|mut conn| {
+                        stats::read(&mut conn, m.spec.name, runtime.nats.is_some())
+                            .map_err(|e| e.to_string())
+                    });
             (m.spec.name, stats)
         })
         .collect()

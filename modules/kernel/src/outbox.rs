@@ -110,7 +110,6 @@ pub struct OutboxRow {
     pub causation_id: Option<String>,
     pub traceparent: Option<String>,
     pub payload: String,
-    pub relayed_at: Option<chrono::NaiveDateTime>,
 }
 
 impl OutboxRow {
@@ -125,7 +124,6 @@ impl OutboxRow {
             causation_id: e.causation_id.map(|c| c.to_string()),
             traceparent: e.traceparent.clone(),
             payload: e.payload.to_string(),
-            relayed_at: None,
         }
     }
 

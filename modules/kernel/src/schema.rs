@@ -11,7 +11,6 @@ diesel::table! {
         causation_id -> Nullable<Text>,
         traceparent -> Nullable<Text>,
         payload -> Text,
-        relayed_at -> Nullable<Timestamp>,
     }
 }
 

@@ -12,8 +12,7 @@ CREATE TABLE colony_outbox (
     correlation_id TEXT NOT NULL,
     causation_id TEXT,
     traceparent TEXT,
-    payload TEXT NOT NULL,
-    relayed_at TIMESTAMP
+    payload TEXT NOT NULL
 );
 
 -- The last sequence handed out. On SQLite, whose writers are serialised anyway, the

@@ -5,9 +5,7 @@ use serde::Serialize;
 
 use crate::db::AnyConnection;
 use crate::outbox;
-use crate::schema::{
-    colony_consumer_positions as positions, colony_dead_letters, colony_deferred, colony_outbox,
-};
+use crate::schema::{colony_consumer_positions as positions, colony_dead_letters, colony_deferred};
 
 /// Where one consumer of this module stands on one source.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -25,20 +23,19 @@ pub struct BusStats {
     /// The newest sequence this module published.
     pub last_sequence: i64,
     /// Outbox rows a publishing transport has not yet relayed (0 for `local`,
-    /// whose outbox is itself the log).
+    /// whose outbox is itself the log). The relay's own position is listed among
+    /// the consumers as `_relay`.
     pub unrelayed: i64,
     pub consumers: Vec<ConsumerStats>,
     pub dead_letters: i64,
 }
 
-/// Reads the figures; `relaying` says whether a transport relays this outbox.
-pub fn read(conn: &mut AnyConnection, relaying: bool) -> QueryResult<BusStats> {
+/// Reads the figures of the module behind `conn`, named `module`; `relaying` says
+/// whether a transport relays its outbox.
+pub fn read(conn: &mut AnyConnection, module: &str, relaying: bool) -> QueryResult<BusStats> {
     let last_sequence = outbox::last_sequence(conn)?;
     let unrelayed = if relaying {
-        colony_outbox::table
-            .filter(colony_outbox::relayed_at.is_null())
-            .count()
-            .get_result(conn)?
+        last_sequence - outbox::relay_position(conn, module)?
     } else {
         0
     };
