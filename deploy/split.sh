@@ -8,14 +8,14 @@
 # Settings (environment): COLONY_BIN (default target/release/colony),
 # DATABASE_URL (postgres://…, required), NATS_URL (nats://127.0.0.1:4222),
 # BASE_PORT (8100: proxy on it, modules on the next six), RUN_DIR (./run/split),
-# JWT_SECRET (a development secret if unset), NATS_PREFIX (colony).
+# JWT_SECRET (unset: colony's development secret, so `colony token` works as is),
+# NATS_PREFIX (colony).
 set -euo pipefail
 
 COLONY_BIN=${COLONY_BIN:-target/release/colony}
 NATS_URL=${NATS_URL:-nats://127.0.0.1:4222}
 BASE_PORT=${BASE_PORT:-8100}
 RUN_DIR=${RUN_DIR:-run/split}
-JWT_SECRET=${JWT_SECRET:-split-development-secret-0123456789abcdef}
 NATS_PREFIX=${NATS_PREFIX:-colony}
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -37,15 +37,17 @@ start() {
   for entry in "${PROCESSES[@]}"; do
     read -r name modules offset <<<"$entry"
     local port=$((BASE_PORT + offset))
-    COLONY__HTTP__PORT=$port \
-    COLONY__DATABASE__URL=$DATABASE_URL \
-    COLONY__BUS__TRANSPORT=nats \
-    COLONY__BUS__NATS_URL=$NATS_URL \
-    COLONY__BUS__NATS_PREFIX=$NATS_PREFIX \
-    COLONY__BUS__POLL_INTERVAL_MS=200 \
-    COLONY__REMOTE__CART__URL=http://127.0.0.1:$((BASE_PORT + 2)) \
-    COLONY__AUTH__JWT_SECRET=$JWT_SECRET \
-    COLONY__LOG__FILTER=${LOG_FILTER:-warn} \
+    local secret=()
+    if [ -n "${JWT_SECRET:-}" ]; then secret=("COLONY__AUTH__JWT_SECRET=$JWT_SECRET"); fi
+    env COLONY__HTTP__PORT="$port" \
+      COLONY__DATABASE__URL="$DATABASE_URL" \
+      COLONY__BUS__TRANSPORT=nats \
+      COLONY__BUS__NATS_URL="$NATS_URL" \
+      COLONY__BUS__NATS_PREFIX="$NATS_PREFIX" \
+      COLONY__BUS__POLL_INTERVAL_MS=200 \
+      COLONY__REMOTE__CART__URL="http://127.0.0.1:$((BASE_PORT + 2))" \
+      COLONY__LOG__FILTER="${LOG_FILTER:-warn}" \
+      "${secret[@]}" \
       nohup "$COLONY_BIN" serve --modules "$modules" >"$run_dir/$name.out" 2>"$run_dir/$name.log" &
     echo $! >"$run_dir/$name.pid"
   done
