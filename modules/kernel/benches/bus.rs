@@ -371,10 +371,6 @@ impl Subscription for Timed {
         self.in_pass.clear();
         self.inner.settle(committed)
     }
-
-    fn lag(&mut self, conn: &mut AnyConnection) -> Result<Option<i64>, BusError> {
-        self.inner.lag(conn)
-    }
 }
 
 /// One producer and one consumer module, with the consumer's engine running or not.

@@ -153,15 +153,4 @@ impl Subscription for LocalSubscription {
         }
         Box::pin(async {})
     }
-
-    fn lag(&mut self, conn: &mut AnyConnection) -> Result<Option<i64>, BusError> {
-        let position: Option<i64> = positions::table
-            .find((self.consumer.as_str(), self.source.module()))
-            .select(positions::position)
-            .get_result(conn)
-            .optional()?;
-        let mut source_conn = self.source.pool().get().map_err(DbError::from)?;
-        let head = outbox::last_sequence(&mut source_conn)?;
-        Ok(Some(head - position.unwrap_or(0)))
-    }
 }

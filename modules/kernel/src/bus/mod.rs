@@ -152,8 +152,6 @@ pub trait Subscription: Send + 'static {
     }
     /// After the transaction ended: acknowledge (committed) or let them come again.
     fn settle(&mut self, committed: bool) -> BoxFuture<'_, ()>;
-    /// Events of the source this consumer has not yet reached, if the transport knows.
-    fn lag(&mut self, conn: &mut AnyConnection) -> Result<Option<i64>, BusError>;
 }
 
 /// Carries events from producers to consumers.

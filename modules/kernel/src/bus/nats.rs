@@ -321,8 +321,4 @@ impl Subscription for NatsSubscription {
             }
         })
     }
-
-    fn lag(&mut self, _conn: &mut AnyConnection) -> Result<Option<i64>, BusError> {
-        Ok(None)
-    }
 }
