@@ -2,8 +2,10 @@
 # Runs colony split into one process per module (checkout twice) behind nginx, on
 # one machine, against PostgreSQL and NATS JetStream.
 #
-#   deploy/split.sh start    # prints the proxy's address when everything is ready
+#   deploy/split.sh start         # prints the proxy's address when everything is ready
 #   deploy/split.sh stop
+#   deploy/split.sh kill NAME     # SIGKILL one process (catalog, cart, checkout-1, …)
+#   deploy/split.sh revive NAME   # start it again, as before
 #
 # Settings (environment): COLONY_BIN (default target/release/colony),
 # DATABASE_URL (postgres://…, required), NATS_URL (nats://127.0.0.1:4222),
@@ -29,6 +31,33 @@ PROCESSES=(
   "delivery delivery 6"
 )
 
+launch() {
+  local name=$1 modules=$2 offset=$3 run_dir=$4
+  local port=$((BASE_PORT + offset))
+  local secret=()
+  if [ -n "${JWT_SECRET:-}" ]; then secret=("COLONY__AUTH__JWT_SECRET=$JWT_SECRET"); fi
+  env COLONY__HTTP__PORT="$port" \
+    COLONY__DATABASE__URL="$DATABASE_URL" \
+    COLONY__BUS__TRANSPORT=nats \
+    COLONY__BUS__NATS_URL="$NATS_URL" \
+    COLONY__BUS__NATS_PREFIX="$NATS_PREFIX" \
+    COLONY__BUS__POLL_INTERVAL_MS=200 \
+    COLONY__REMOTE__CART__URL="http://127.0.0.1:$((BASE_PORT + 2))" \
+    COLONY__LOG__FILTER="${LOG_FILTER:-warn}" \
+    "${secret[@]}" \
+    nohup "$COLONY_BIN" serve --modules "$modules" >>"$run_dir/$name.out" 2>>"$run_dir/$name.log" &
+  echo $! >"$run_dir/$name.pid"
+}
+
+entry_of() {
+  for entry in "${PROCESSES[@]}"; do
+    read -r name _ _ <<<"$entry"
+    if [ "$name" = "$1" ]; then echo "$entry"; return 0; fi
+  done
+  echo "no process named $1" >&2
+  return 1
+}
+
 start() {
   : "${DATABASE_URL:?set DATABASE_URL to a PostgreSQL database (postgres://…)}"
   mkdir -p "$RUN_DIR"
@@ -36,20 +65,7 @@ start() {
   run_dir=$(cd "$RUN_DIR" && pwd)
   for entry in "${PROCESSES[@]}"; do
     read -r name modules offset <<<"$entry"
-    local port=$((BASE_PORT + offset))
-    local secret=()
-    if [ -n "${JWT_SECRET:-}" ]; then secret=("COLONY__AUTH__JWT_SECRET=$JWT_SECRET"); fi
-    env COLONY__HTTP__PORT="$port" \
-      COLONY__DATABASE__URL="$DATABASE_URL" \
-      COLONY__BUS__TRANSPORT=nats \
-      COLONY__BUS__NATS_URL="$NATS_URL" \
-      COLONY__BUS__NATS_PREFIX="$NATS_PREFIX" \
-      COLONY__BUS__POLL_INTERVAL_MS=200 \
-      COLONY__REMOTE__CART__URL="http://127.0.0.1:$((BASE_PORT + 2))" \
-      COLONY__LOG__FILTER="${LOG_FILTER:-warn}" \
-      "${secret[@]}" \
-      nohup "$COLONY_BIN" serve --modules "$modules" >"$run_dir/$name.out" 2>"$run_dir/$name.log" &
-    echo $! >"$run_dir/$name.pid"
+    launch "$name" "$modules" "$offset" "$run_dir"
   done
   sed -e "s|@RUN_DIR@|$run_dir|g" \
       -e "s|@PORT_PROXY@|$BASE_PORT|g" \
@@ -97,8 +113,30 @@ stop() {
   done
 }
 
+kill_one() {
+  local entry pid_file
+  entry=$(entry_of "$1")
+  pid_file="$RUN_DIR/$1.pid"
+  if [ -f "$pid_file" ]; then
+    kill -KILL "$(cat "$pid_file")" 2>/dev/null || true
+    rm -f "$pid_file"
+  fi
+}
+
+revive() {
+  : "${DATABASE_URL:?set DATABASE_URL to a PostgreSQL database (postgres://…)}"
+  local entry name modules offset run_dir
+  entry=$(entry_of "$1")
+  read -r name modules offset <<<"$entry"
+  run_dir=$(cd "$RUN_DIR" && pwd)
+  launch "$name" "$modules" "$offset" "$run_dir"
+  wait_ready "$((BASE_PORT + offset))" "$name" "$run_dir"
+}
+
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
-  *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+  kill) kill_one "${2:?name a process}" ;;
+  revive) revive "${2:?name a process}" ;;
+  *) echo "usage: $0 start|stop|kill NAME|revive NAME" >&2; exit 2 ;;
 esac

@@ -2,10 +2,13 @@
 //! twice), NATS JetStream between them, nginx in front, PostgreSQL behind —
 //! started by `deploy/split.sh`, exactly as a user would.
 
-use std::path::Path;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
-use crate::helpers::{TestApp, TestDatabase};
+use kernel::auth::Role;
+use serde_json::Value;
+
+use crate::helpers::{TestApp, TestDatabase, assert_problem, eventually};
 use crate::story::whole_story;
 
 const SECRET: &str = "split-topology-test-secret-0123456789abcdef";
@@ -53,18 +56,65 @@ fn rand_u16() -> u16 {
     (nanos ^ std::process::id()) as u16
 }
 
-/// Stops the topology even when the test fails.
-struct Topology<'a> {
-    run_dir: &'a Path,
+/// A running split topology; stopped when dropped, even when the test fails.
+struct Topology {
+    run_dir: tempfile::TempDir,
+    database_url: String,
+    nats_url: String,
+    prefix: String,
+    base: u16,
 }
 
-impl Drop for Topology<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("deploy/split.sh")
-            .arg("stop")
-            .env("RUN_DIR", self.run_dir)
+impl Topology {
+    fn script(&self, args: &[&str]) -> std::process::ExitStatus {
+        Command::new("deploy/split.sh")
+            .args(args)
+            .env("COLONY_BIN", env!("CARGO_BIN_EXE_colony"))
+            .env("DATABASE_URL", &self.database_url)
+            .env("NATS_URL", &self.nats_url)
+            .env("NATS_PREFIX", &self.prefix)
+            .env("RUN_DIR", self.run_dir.path())
+            .env("BASE_PORT", self.base.to_string())
+            .env("JWT_SECRET", SECRET)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status();
+            .status()
+            .unwrap()
+    }
+
+    fn start(db: &TestDatabase, nats_url: String) -> Self {
+        let topology = Topology {
+            run_dir: tempfile::tempdir().unwrap(),
+            database_url: db.url(),
+            nats_url,
+            prefix: format!("t{}", uuid::Uuid::now_v7().simple()),
+            base: free_ports(),
+        };
+        assert!(
+            topology.script(&["start"]).success(),
+            "the split topology did not start"
+        );
+        topology
+    }
+
+    fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.base)
+    }
+
+    fn kill(&self, name: &str) {
+        assert!(self.script(&["kill", name]).success());
+    }
+
+    fn revive(&self, name: &str) {
+        assert!(
+            self.script(&["revive", name]).success(),
+            "{name} did not come back"
+        );
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        let _ = self.script(&["stop"]);
     }
 }
 
@@ -72,25 +122,73 @@ impl Drop for Topology<'_> {
 async fn the_story_runs_in_the_split_topology() {
     let Some(nats_url) = services() else { return };
     let db = TestDatabase::postgres().expect("PostgreSQL is configured");
-    let run_dir = tempfile::tempdir().unwrap();
-    let base = free_ports();
-    let started = Command::new("deploy/split.sh")
-        .arg("start")
-        .env("COLONY_BIN", env!("CARGO_BIN_EXE_colony"))
-        .env("DATABASE_URL", db.url())
-        .env("NATS_URL", nats_url)
-        .env("NATS_PREFIX", format!("t{}", uuid::Uuid::now_v7().simple()))
-        .env("RUN_DIR", run_dir.path())
-        .env("BASE_PORT", base.to_string())
-        .env("JWT_SECRET", SECRET)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .unwrap();
-    let _topology = Topology {
-        run_dir: run_dir.path(),
-    };
-    assert!(started.success(), "the split topology did not start");
-
-    let app = TestApp::external(format!("http://127.0.0.1:{base}"), SECRET, db);
+    let topology = Topology::start(&db, nats_url);
+    let app = TestApp::external(topology.address(), SECRET, db);
     whole_story(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_in_the_split_topology_lose_nothing() {
+    let Some(nats_url) = services() else { return };
+    let db = TestDatabase::postgres().expect("PostgreSQL is configured");
+    let topology = Topology::start(&db, nats_url);
+    let app = TestApp::external(topology.address(), SECRET, db);
+    let tea = app.create_product(&app.seller(), "FAULT-1", 300, 100).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut customers = Vec::new();
+    for i in 0..3 {
+        let customer = app.token(&format!("fault-{i}"), Role::Customer);
+        assert_eq!(app.put_in_cart(&customer, &tea, 1).await.status(), 200);
+        customers.push(customer);
+    }
+
+    // Notification down: orders are still placed and confirmed.
+    topology.kill("notification");
+    let mut orders = Vec::new();
+    for customer in &customers[..2] {
+        let order: Value = app
+            .place_order(customer, "k1", "tok_ok")
+            .await
+            .json()
+            .await
+            .unwrap();
+        let id = order["id"].as_str().unwrap().to_string();
+        app.order_in(customer, &id, "confirmed").await;
+        orders.push((customer.clone(), id));
+    }
+    // Back again: every missed notification arrives, once.
+    topology.revive("notification");
+    for (customer, id) in &orders {
+        let expected = vec![("order_confirmed".to_string(), id.clone())];
+        eventually("the missed notification", || async {
+            (app.notifications(customer).await == expected).then_some(())
+        })
+        .await;
+    }
+
+    // Cart down: placement answers 503 at once, naming cart; it recovers after.
+    topology.kill("cart");
+    let started = Instant::now();
+    let res = app.place_order(&customers[2], "k2", "tok_ok").await;
+    let problem = assert_problem(res, 503, "cart_unavailable").await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(problem["detail"].as_str().unwrap().contains("cart"));
+    topology.revive("cart");
+    let order = eventually("placement to work again", || async {
+        let res = app.place_order(&customers[2], "k3", "tok_ok").await;
+        if res.status() == 202 {
+            res.json::<Value>().await.ok()
+        } else {
+            None
+        }
+    })
+    .await;
+    app.order_in(&customers[2], order["id"].as_str().unwrap(), "confirmed")
+        .await;
 }
