@@ -251,12 +251,21 @@ impl TestApp {
 }
 
 /// Polls `check` every 20 ms until it returns `Some`, for at most 10 s.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    eventually_within(Duration::from_secs(10), what, check).await
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, for at most `limit`.
+pub async fn eventually_within<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + limit;
     loop {
         if let Some(value) = check().await {
             return value;

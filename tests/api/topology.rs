@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use kernel::auth::Role;
 use serde_json::Value;
 
-use crate::helpers::{TestApp, TestDatabase, assert_problem, eventually};
+use crate::helpers::{TestApp, TestDatabase, assert_problem, eventually, eventually_within};
 use crate::story::whole_story;
 
 const SECRET: &str = "split-topology-test-secret-0123456789abcdef";
@@ -191,4 +191,83 @@ async fn faults_in_the_split_topology_lose_nothing() {
     .await;
     app.order_in(&customers[2], order["id"].as_str().unwrap(), "confirmed")
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_replica_killed_mid_burst_loses_and_doubles_nothing() {
+    let Some(nats_url) = services() else { return };
+    let db = TestDatabase::postgres().expect("PostgreSQL is configured");
+    let topology = Topology::start(&db, nats_url);
+    let app = TestApp::external(topology.address(), SECRET, db);
+    let tea = app
+        .create_product(&app.seller(), "BURST-1", 300, 1_000)
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut customers = Vec::new();
+    for i in 0..12 {
+        let customer = app.token(&format!("burst-{i}"), Role::Customer);
+        assert_eq!(app.put_in_cart(&customer, &tea, 1).await.status(), 200);
+        customers.push(customer);
+    }
+    // A burst through the proxy, one replica killed in the middle of it. Clients
+    // retry with the same key until the placement is accepted, as they should.
+    let place = |customer: String| {
+        let app = &app;
+        async move {
+            eventually_within(
+                Duration::from_secs(30),
+                "the placement accepted",
+                || async {
+                    let res = app.place_order(&customer, "burst", "tok_ok").await;
+                    if res.status() == 202 {
+                        res.json::<Value>().await.ok()
+                    } else {
+                        None
+                    }
+                },
+            )
+            .await["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let burst = futures_util::future::join_all(customers.iter().cloned().map(place));
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        topology.kill("checkout-1");
+    };
+    let (orders, ()) = tokio::join!(burst, killer);
+    // The surviving replica takes everything over (claims of the dead one expire).
+    for (customer, id) in customers.iter().zip(&orders) {
+        eventually_within(Duration::from_secs(60), "every order confirmed", || async {
+            let o: Value = app
+                .get(&format!("/api/v1/checkout/orders/{id}"), Some(customer))
+                .await
+                .json()
+                .await
+                .ok()?;
+            (o["status"] == "confirmed").then_some(())
+        })
+        .await;
+        let list: Value = app
+            .get("/api/v1/checkout/orders", Some(customer))
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            list["items"].as_array().unwrap().len(),
+            1,
+            "one order per customer"
+        );
+    }
+    eventually_within(
+        Duration::from_secs(30),
+        "stock reserved once per order",
+        || async { (app.product(&tea).await["stock"]["reserved"] == 12).then_some(()) },
+    )
+    .await;
 }
