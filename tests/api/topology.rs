@@ -271,3 +271,110 @@ async fn a_checkout_replica_killed_mid_burst_loses_and_doubles_nothing() {
     )
     .await;
 }
+
+/// A NATS server of this test's own (restarting CI's shared one would disturb
+/// other tests), with JetStream storing to `dir`.
+struct OwnNats {
+    child: std::process::Child,
+    port: u16,
+    dir: std::path::PathBuf,
+}
+
+impl OwnNats {
+    fn start(port: u16, dir: &std::path::Path) -> Self {
+        let child = Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server runs");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self {
+            child,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = Self::start(self.port, &self.dir.clone());
+    }
+}
+
+impl Drop for OwnNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_mid_burst_loses_and_doubles_nothing() {
+    if services().is_none() {
+        return;
+    }
+    let store = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut nats = OwnNats::start(port, store.path());
+    let db = TestDatabase::postgres().expect("PostgreSQL is configured");
+    let topology = Topology::start(&db, format!("nats://127.0.0.1:{port}"));
+    let app = TestApp::external(topology.address(), SECRET, db);
+    let tea = app
+        .create_product(&app.seller(), "NATS-1", 300, 1_000)
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut customers = Vec::new();
+    for i in 0..10 {
+        let customer = app.token(&format!("restart-{i}"), Role::Customer);
+        assert_eq!(app.put_in_cart(&customer, &tea, 1).await.status(), 200);
+        customers.push(customer);
+    }
+    let mut orders = Vec::new();
+    for (i, customer) in customers.iter().enumerate() {
+        if i == 4 {
+            nats.restart();
+        }
+        let order: Value = app
+            .place_order(customer, "k", "tok_ok")
+            .await
+            .json()
+            .await
+            .unwrap();
+        orders.push(order["id"].as_str().unwrap().to_string());
+    }
+    for (customer, id) in customers.iter().zip(&orders) {
+        eventually_within(Duration::from_secs(60), "every order confirmed", || async {
+            let o: Value = app
+                .get(&format!("/api/v1/checkout/orders/{id}"), Some(customer))
+                .await
+                .json()
+                .await
+                .ok()?;
+            (o["status"] == "confirmed").then_some(())
+        })
+        .await;
+        let expected = vec![("order_confirmed".to_string(), id.clone())];
+        eventually_within(Duration::from_secs(60), "one notification", || async {
+            (app.notifications(customer).await == expected).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        app.product(&tea).await["stock"]["reserved"],
+        10,
+        "reserved once per order"
+    );
+}
