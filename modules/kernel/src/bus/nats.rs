@@ -277,8 +277,15 @@ impl NatsSubscription {
 impl Subscription for NatsSubscription {
     fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool> {
         Box::pin(async move {
+            // A pull request sent while the connection was down may never be
+            // answered: the client gives up a little after the server would have.
+            let limit = timeout.max(Duration::from_millis(100)) + Duration::from_secs(2);
             if self.buffer.is_empty()
-                && let Err(e) = self.receive(timeout).await
+                && let Err(e) = tokio::time::timeout(limit, self.receive(timeout))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(BusError::Transport("no answer to a pull request".into()))
+                    })
             {
                 tracing::warn!(consumer = %self.durable, source = %self.source, error = %e, "receiving from NATS failed");
                 self.consumer = None;
