@@ -296,8 +296,20 @@ impl TestApp {
 
     /// Waits until order `id` reaches `status`; returns it.
     pub async fn order_in(&self, customer: &str, id: &str, status: &str) -> Value {
+        self.order_in_within(Duration::from_secs(10), customer, id, status)
+            .await
+    }
+
+    /// Waits up to `limit` until order `id` reaches `status`; returns it.
+    pub async fn order_in_within(
+        &self,
+        limit: Duration,
+        customer: &str,
+        id: &str,
+        status: &str,
+    ) -> Value {
         let path = format!("/api/v1/checkout/orders/{id}");
-        eventually(&format!("order {id} to be {status}"), || async {
+        eventually_within(limit, &format!("order {id} to be {status}"), || async {
             let order: Value = self.get(&path, Some(customer)).await.json().await.ok()?;
             (order["status"] == status).then_some(order)
         })

@@ -527,18 +527,11 @@ async fn a_flaky_gateway_still_settles_every_order_once(db: TestDatabase) {
     }
     for (customer, order) in &orders {
         // Half the gateway calls fail: retries back off up to seconds apart.
-        crate::helpers::eventually_within(
+        app.order_in_within(
             std::time::Duration::from_secs(60),
-            "the order confirmed",
-            || async {
-                let o: Value = app
-                    .get(&format!("/api/v1/checkout/orders/{order}"), Some(customer))
-                    .await
-                    .json()
-                    .await
-                    .ok()?;
-                (o["status"] == "confirmed").then_some(())
-            },
+            customer,
+            order,
+            "confirmed",
         )
         .await;
     }

@@ -242,15 +242,12 @@ async fn a_checkout_replica_killed_mid_burst_loses_and_doubles_nothing() {
     let (orders, ()) = tokio::join!(burst, killer);
     // The surviving replica takes everything over (claims of the dead one expire).
     for (customer, id) in customers.iter().zip(&orders) {
-        eventually_within(Duration::from_secs(60), "every order confirmed", || async {
-            let o: Value = app
-                .get(&format!("/api/v1/checkout/orders/{id}"), Some(customer))
-                .await
-                .json()
-                .await
-                .ok()?;
-            (o["status"] == "confirmed").then_some(())
-        })
+        app.order_in_within(
+            std::time::Duration::from_secs(60),
+            customer,
+            id,
+            "confirmed",
+        )
         .await;
         let list: Value = app
             .get("/api/v1/checkout/orders", Some(customer))
@@ -356,15 +353,12 @@ async fn a_nats_restart_mid_burst_loses_and_doubles_nothing() {
         orders.push(order["id"].as_str().unwrap().to_string());
     }
     for (customer, id) in customers.iter().zip(&orders) {
-        eventually_within(Duration::from_secs(60), "every order confirmed", || async {
-            let o: Value = app
-                .get(&format!("/api/v1/checkout/orders/{id}"), Some(customer))
-                .await
-                .json()
-                .await
-                .ok()?;
-            (o["status"] == "confirmed").then_some(())
-        })
+        app.order_in_within(
+            std::time::Duration::from_secs(60),
+            customer,
+            id,
+            "confirmed",
+        )
         .await;
         let expected = vec![("order_confirmed".to_string(), id.clone())];
         eventually_within(Duration::from_secs(60), "one notification", || async {
