@@ -68,3 +68,12 @@ diesel::table! {
         replayed_at -> Nullable<Timestamp>,
     }
 }
+
+diesel::table! {
+    colony_consumer_leases (consumer, source) {
+        consumer -> Text,
+        source -> Text,
+        holder -> Text,
+        expires_at -> Timestamp,
+    }
+}

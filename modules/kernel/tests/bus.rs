@@ -189,8 +189,9 @@ struct Setup {
     producer: Db,
     consumer: Db,
     transport: Arc<dyn Transport>,
-    /// With NATS: the transport (to tear its stream down) and the relay's stop switch.
-    nats: Option<(Arc<NatsTransport>, watch::Sender<bool>)>,
+    /// With NATS: the transport (to tear its stream down), the relay's stop switch
+    /// and the subject prefix.
+    nats: Option<(Arc<NatsTransport>, watch::Sender<bool>, String)>,
 }
 
 /// Which transport carries the events.
@@ -221,11 +222,10 @@ async fn setup_via(test_db: &TestDatabase, via: Via) -> Setup {
     let Via::Nats = via else {
         return setup(test_db);
     };
-    let url = std::env::var(NATS_ENV).unwrap();
     let producer = open(test_db, "alpha");
     let consumer = open(test_db, "beta");
     let prefix = format!("t{}", Uuid::now_v7().simple());
-    let nats = Arc::new(NatsTransport::connect(&url, &prefix).await.unwrap());
+    let nats = Arc::new(nats_process(&prefix).await);
     nats.ensure_stream("alpha").await.unwrap();
     let (stop, stopped) = watch::channel(false);
     let relay = nats.clone();
@@ -235,13 +235,23 @@ async fn setup_via(test_db: &TestDatabase, via: Via) -> Setup {
         producer,
         consumer,
         transport: nats.clone(),
-        nats: Some((nats, stop)),
+        nats: Some((nats, stop, prefix)),
     }
+}
+
+/// A process's connection to NATS: a short ack wait, so a dead holder's events
+/// come again (and its lease ends) within about two seconds.
+async fn nats_process(prefix: &str) -> NatsTransport {
+    let url = std::env::var(NATS_ENV).unwrap();
+    NatsTransport::connect(&url, prefix)
+        .await
+        .unwrap()
+        .with_ack_wait(Duration::from_secs(1))
 }
 
 impl Setup {
     async fn teardown(self) {
-        if let Some((nats, stop)) = self.nats {
+        if let Some((nats, stop, _)) = self.nats {
             let _ = stop.send(true);
             let _ = nats.delete_stream("alpha").await;
         }
@@ -585,18 +595,7 @@ async fn concurrent_publishers_lose_nothing_and_keep_key_order(test_db: TestData
     let (stop, stopped) = watch::channel(false);
     let running =
         tokio::spawn(engine.run(s.transport.subscribe("beta", "alpha").unwrap(), stopped));
-    let mut writers = Vec::new();
-    for w in 0..6_i64 {
-        let producer = s.producer.clone();
-        writers.push(tokio::task::spawn_blocking(move || {
-            for i in 0..40_i64 {
-                publish(&producer, &format!("writer{w}"), w * 1000 + i);
-            }
-        }));
-    }
-    for w in writers {
-        w.await.unwrap();
-    }
+    publish_concurrently(&s.producer).await;
     let done = eventually(Duration::from_secs(20), || {
         effects(&s.consumer, "beta").len() == 240
     })
@@ -608,12 +607,143 @@ async fn concurrent_publishers_lose_nothing_and_keep_key_order(test_db: TestData
         "only {} of 240 handled",
         effects(&s.consumer, "beta").len()
     );
-    let mut last: HashMap<String, i64> = HashMap::new();
-    for (key, n) in effects(&s.consumer, "beta") {
-        if let Some(prev) = last.insert(key.clone(), n) {
-            assert!(n > prev, "{key}: {n} handled after {prev}");
+    assert_once_in_key_order(&effects(&s.consumer, "beta"), 240);
+    s.teardown().await;
+}
+
+/// Checks that each key's events took effect in publishing order, each once.
+fn assert_once_in_key_order(all: &[(String, i64)], expected: usize) {
+    let distinct: HashSet<i64> = all.iter().map(|(_, n)| *n).collect();
+    assert_eq!(
+        (all.len(), distinct.len()),
+        (expected, expected),
+        "each event exactly once"
+    );
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    for (key, n) in all {
+        if let Some(prev) = last.insert(key, *n) {
+            assert!(*n > prev, "{key}: {n} handled after {prev}");
         }
     }
+}
+
+/// Publishes 40 events on each of 6 keys from 6 writers at once.
+async fn publish_concurrently(producer: &Db) {
+    let mut writers = Vec::new();
+    for w in 0..6_i64 {
+        let producer = producer.clone();
+        writers.push(tokio::task::spawn_blocking(move || {
+            for i in 0..40_i64 {
+                publish(&producer, &format!("writer{w}"), w * 1000 + i);
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+}
+
+/// Two processes run the same consumer on one shared JetStream consumer: the lease
+/// lets one handle at a time, so keys keep their order and nothing is handled twice.
+async fn replicas_of_a_consumer_keep_key_order(test_db: TestDatabase) {
+    let s = setup_via(&test_db, Via::Nats).await;
+    let prefix = s.nats.as_ref().unwrap().2.clone();
+    let other = nats_process(&prefix).await;
+    let handler = Arc::new(Recorder::new("beta"));
+    let small = RetryPolicy {
+        batch_size: 8,
+        ..policy()
+    };
+    let first = engine(&s.consumer, handler.clone(), small.clone());
+    // The second process: its own pool on the same database, its own connection.
+    let second = engine(&open(&test_db, "beta"), handler.clone(), small);
+    let (stop, stopped) = watch::channel(false);
+    let a = tokio::spawn(first.run(
+        s.transport.subscribe("beta", "alpha").unwrap(),
+        stopped.clone(),
+    ));
+    let b = tokio::spawn(second.run(other.subscribe("beta", "alpha").unwrap(), stopped));
+    publish_concurrently(&s.producer).await;
+    let done = eventually(Duration::from_secs(20), || {
+        effects(&s.consumer, "beta").len() >= 240
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(true).unwrap();
+    a.await.unwrap();
+    b.await.unwrap();
+    assert!(done, "only {} handled", effects(&s.consumer, "beta").len());
+    assert_eq!(
+        handler.overlaps.load(Ordering::SeqCst),
+        0,
+        "handled twice at once"
+    );
+    assert_once_in_key_order(&effects(&s.consumer, "beta"), 240);
+    s.teardown().await;
+}
+
+/// The holder dies mid-stream (no acknowledgement, events delivered to it and not
+/// handled): the standby takes over once the lease ends and handles the rest, the
+/// dead one's undelivered events first, so every key keeps its order.
+async fn a_dead_holder_hands_over_in_key_order(test_db: TestDatabase) {
+    let s = setup_via(&test_db, Via::Nats).await;
+    let prefix = s.nats.as_ref().unwrap().2.clone();
+    let mut slow = Recorder::new("beta");
+    slow.pause = Duration::from_millis(5);
+    let dying = Arc::new(slow);
+    let standby = Arc::new(Recorder::new("beta"));
+    // Its effects sort after the dead holder's.
+    standby.position.store(1_000_000, Ordering::SeqCst);
+    let small = RetryPolicy {
+        batch_size: 8,
+        ..policy()
+    };
+    let first = engine(&s.consumer, dying.clone(), small.clone());
+    let (stop_first, first_stopped) = watch::channel(false);
+    let a = tokio::spawn(first.run(
+        s.transport.subscribe("beta", "alpha").unwrap(),
+        first_stopped,
+    ));
+    // The first takes the lease before the standby starts.
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let mut conn = s.consumer.pool().get().unwrap();
+            kernel::bus::lease::holder(&mut conn, "beta", "alpha")
+                .unwrap()
+                .is_some()
+        })
+        .await
+    );
+    let other = nats_process(&prefix).await;
+    let second = engine(&open(&test_db, "beta"), standby.clone(), small);
+    let (stop, stopped) = watch::channel(false);
+    let b = tokio::spawn(second.run(other.subscribe("beta", "alpha").unwrap(), stopped));
+    publish_concurrently(&s.producer).await;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            effects(&s.consumer, "beta").len() >= 40
+        })
+        .await
+    );
+    // Killed: no pass finishes its settling, its connection's deliveries stay unacked.
+    a.abort();
+    let _ = a.await;
+    drop(stop_first);
+    let died_after = effects(&s.consumer, "beta").len();
+    let done = eventually(Duration::from_secs(20), || {
+        effects(&s.consumer, "beta").len() >= 240
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send(true).unwrap();
+    b.await.unwrap();
+    assert!(done, "only {} handled", effects(&s.consumer, "beta").len());
+    assert!(died_after < 240, "the holder finished before it died");
+    assert!(
+        !standby.attempts.lock().unwrap().is_empty(),
+        "the standby never took over"
+    );
+    assert_once_in_key_order(&effects(&s.consumer, "beta"), 240);
     s.teardown().await;
 }
 
@@ -677,6 +807,26 @@ mod nats {
                 super::Via::Nats,
             )
             .await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_of_a_consumer_keep_key_order() {
+        if super::nats_available() {
+            super::replicas_of_a_consumer_keep_key_order(super::TestDatabase::sqlite()).await;
+            if let Some(db) = super::TestDatabase::postgres() {
+                super::replicas_of_a_consumer_keep_key_order(db).await;
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_holder_hands_over_in_key_order() {
+        if super::nats_available() {
+            super::a_dead_holder_hands_over_in_key_order(super::TestDatabase::sqlite()).await;
+            if let Some(db) = super::TestDatabase::postgres() {
+                super::a_dead_holder_hands_over_in_key_order(db).await;
+            }
         }
     }
 }

@@ -7,6 +7,7 @@
 
 mod consumer;
 pub mod dead_letters;
+pub mod lease;
 mod local;
 pub mod nats;
 pub mod stats;

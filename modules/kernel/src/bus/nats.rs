@@ -4,6 +4,9 @@
 //! module publishes its outbox, many messages in flight, and marks rows relayed
 //! only once their acks came back. Consumers acknowledge a batch only after their
 //! transaction committed; after a rollback the same batch is handled again, in order.
+//! Replicas of a module share its durable consumer; a lease in the consumer's
+//! database lets one of them at a time pull and handle (`lease.rs`), so events of a
+//! key are handled in order across replicas and across a replica's death.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -12,14 +15,14 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
-use super::{BoxFuture, BusError, Subscription, Transport};
+use super::{BoxFuture, BusError, Subscription, Transport, lease};
 use crate::db::{AnyConnection, Db, DbError};
 use crate::envelope::Envelope;
 use crate::outbox;
 
 /// Longest a delivered event stays unacknowledged before the server delivers it
-/// again (a consumer process that died mid-batch).
-const ACK_WAIT: Duration = Duration::from_secs(10);
+/// again (a consumer process that died mid-batch), for consumers created here.
+pub const ACK_WAIT: Duration = Duration::from_secs(5);
 const RELAY_BATCH: i64 = 256;
 
 pub struct NatsTransport {
@@ -28,6 +31,16 @@ pub struct NatsTransport {
     /// First subject token and stream name prefix: `colony` unless several
     /// installations (or tests) share one server.
     prefix: String,
+    ack_wait: Duration,
+    /// This process, as holder of consumer leases.
+    holder: String,
+}
+
+/// How long a consumer lease lasts past its last renewal: longer than the ack wait
+/// of the consumer, so a dead holder's unacknowledged events are due for
+/// redelivery before anyone else may pull.
+pub fn lease_ttl(ack_wait: Duration) -> Duration {
+    ack_wait + ack_wait / 2 + Duration::from_millis(500)
 }
 
 fn transport_error(e: impl std::fmt::Display) -> BusError {
@@ -62,7 +75,23 @@ impl NatsTransport {
             client,
             js,
             prefix: prefix.to_string(),
+            ack_wait: ACK_WAIT,
+            holder: format!("{}-{}", std::process::id(), uuid::Uuid::now_v7().simple()),
         })
+    }
+
+    /// Sets the ack wait of consumers this transport creates (tests shorten it, and
+    /// with it the failover time). A consumer that exists keeps its own; leases
+    /// follow the consumer's actual setting.
+    #[must_use]
+    pub fn with_ack_wait(mut self, ack_wait: Duration) -> Self {
+        self.ack_wait = ack_wait;
+        self
+    }
+
+    /// The name under which this process holds consumer leases.
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
 
     /// Creates the stream of `source` if missing (idempotent; every process that
@@ -186,8 +215,13 @@ impl Transport for NatsTransport {
             source: source.to_string(),
             durable: consumer.to_string(),
             consumer: None,
+            ack_wait: self.ack_wait,
+            holder: self.holder.clone(),
+            lease_ttl: lease_ttl(self.ack_wait),
+            holding: false,
             buffer: VecDeque::new(),
             pulled: Vec::new(),
+            released: Vec::new(),
         }))
     }
 
@@ -202,10 +236,20 @@ struct NatsSubscription {
     source: String,
     durable: String,
     consumer: Option<PullConsumer>,
+    /// For the consumer if this subscription creates it.
+    ack_wait: Duration,
+    holder: String,
+    /// Follows the consumer's actual ack wait once known.
+    lease_ttl: Duration,
+    /// Whether the last pass found this process the consumer's holder.
+    holding: bool,
     /// Delivered, not yet handed to a pass.
     buffer: VecDeque<(Envelope, jetstream::Message)>,
     /// Handed to the pass in progress; acknowledged once it commits.
     pulled: Vec<(Envelope, jetstream::Message)>,
+    /// Delivered while the lease was lost: handed back to the server (nak), so the
+    /// holder gets them next, ahead of anything newer.
+    released: Vec<jetstream::Message>,
 }
 
 impl NatsSubscription {
@@ -221,13 +265,14 @@ impl NatsSubscription {
                     durable_name: Some(self.durable.clone()),
                     filter_subject: format!("{}.{}.>", self.prefix, self.source),
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
+                    ack_wait: self.ack_wait,
                     max_ack_pending: 1024,
                     ..Default::default()
                 },
             )
             .await
             .map_err(transport_error)?;
+        self.lease_ttl = lease_ttl(consumer.cached_info().config.ack_wait);
         self.consumer = Some(consumer.clone());
         Ok(consumer)
     }
@@ -277,6 +322,11 @@ impl NatsSubscription {
 impl Subscription for NatsSubscription {
     fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool> {
         Box::pin(async move {
+            if !self.holding {
+                // Another replica holds the lease: try again after the wait.
+                tokio::time::sleep(timeout).await;
+                return false;
+            }
             // A pull request sent while the connection was down may never be
             // answered: the client gives up a little after the server would have.
             let limit = timeout.max(Duration::from_millis(100)) + Duration::from_secs(2);
@@ -295,7 +345,15 @@ impl Subscription for NatsSubscription {
         })
     }
 
-    fn pull(&mut self, _conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError> {
+    fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError> {
+        let now = crate::time::now();
+        let until = now + chrono::Duration::from_std(self.lease_ttl).unwrap_or_default();
+        self.holding = lease::hold(conn, &self.durable, &self.source, &self.holder, now, until)?;
+        if !self.holding {
+            self.released
+                .extend(self.buffer.drain(..).map(|(_, message)| message));
+            return Ok(Vec::new());
+        }
         let take = max.min(self.buffer.len());
         self.pulled = self.buffer.drain(..take).collect();
         Ok(self.pulled.iter().map(|(e, _)| e.clone()).collect())
@@ -312,6 +370,12 @@ impl Subscription for NatsSubscription {
 
     fn settle(&mut self, committed: bool) -> BoxFuture<'_, ()> {
         Box::pin(async move {
+            for message in std::mem::take(&mut self.released) {
+                if let Err(e) = message.ack_with(jetstream::AckKind::Nak(None)).await {
+                    // It comes again after the ack wait instead.
+                    tracing::warn!(error = %e, "handing back an event failed");
+                }
+            }
             let pulled = std::mem::take(&mut self.pulled);
             if committed {
                 for (_, message) in pulled {

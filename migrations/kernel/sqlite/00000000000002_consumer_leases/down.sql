@@ -1,0 +1,1 @@
+DROP TABLE colony_consumer_leases;
