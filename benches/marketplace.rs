@@ -16,20 +16,22 @@
 //! [--seconds S] [--clients N]`. PostgreSQL comes from `COLONY_TEST_DATABASE_URL`.
 //! Targets are printed as PASS/MISS, never asserted.
 
+mod support;
+
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use colony::registry;
 use colony::settings::Settings;
 use colony::startup::Application;
-use kernel::auth::{Authenticator, Role};
+use kernel::auth::Role;
 use kernel::benchkit::{percentiles, raw_commit_rate};
-use kernel::db::DbError;
 use kernel::testing::{POSTGRES_ENV, TestDatabase};
-use serde_json::{Value, json};
+use support::{
+    closed_loop, create_product, fill_carts, marks, paced, place_all, saga_latencies, saga_span,
+    settle, steps, verdict,
+};
 
 struct Args {
     backends: Vec<&'static str>,
@@ -99,20 +101,6 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-struct Rig {
-    base: String,
-    http: reqwest::Client,
-    auth: Authenticator,
-    app: Arc<colony::runtime::Runtime>,
-    handle: actix_web::dev::ServerHandle,
-}
-
-impl Rig {
-    fn token(&self, subject: &str, role: Role) -> String {
-        self.auth.issue(subject, role, Duration::from_secs(3600))
-    }
-}
-
 async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
     println!("\n[{backend}]");
     let mut settings = Settings::built_in()?;
@@ -120,26 +108,26 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
     settings.database.url = db.url();
     settings.database.pool_size = 16;
     settings.auth.jwt_secret = "marketplace-benchmark-secret-0123456789".into();
-    let auth = Authenticator::new(&settings.auth.jwt_secret);
+    let secret = settings.auth.jwt_secret.clone();
     let app = Application::build(settings, registry::ALL.to_vec()).await?;
-    let rig = Rig {
-        base: format!("http://127.0.0.1:{}", app.port()),
-        http: reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .timeout(Duration::from_secs(30))
-            .build()?,
-        auth,
-        app: app.runtime(),
-        handle: app.handle(),
-    };
+    let runtime = app.runtime();
+    let dbs: HashMap<&'static str, kernel::Db> = ["checkout", "catalog"]
+        .into_iter()
+        .filter_map(|m| Some((m, runtime.module(m)?.db.clone())))
+        .collect();
+    let rig = support::Rig::new(format!("http://127.0.0.1:{}", app.port()), &secret, dbs)?;
+    let handle = app.handle();
     let server = tokio::spawn(app.run_until_stopped());
 
     // (a) a catalog read against a trivial route of the same process.
     let seller = rig.token("bench-seller", Role::Seller);
     let product = create_product(&rig, &seller, "BENCH-READ", 1).await?;
-    let trivial = closed_loop(&rig, args, |_| "/health/live".to_string()).await?;
+    let trivial = closed_loop(&rig, args.clients, args.seconds, |_| {
+        "/health/live".to_string()
+    })
+    .await?;
     let read_path = format!("/api/v1/catalog/products/{product}");
-    let read = closed_loop(&rig, args, move |_| read_path.clone()).await?;
+    let read = closed_loop(&rig, args.clients, args.seconds, move |_| read_path.clone()).await?;
     let ratio_a = read / trivial;
     println!("(a) GET /health/live            {trivial:>9.0} req/s");
     println!("(a) GET /catalog/products/{{id}}  {read:>9.0} req/s");
@@ -211,7 +199,14 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
     let placed = paced(&rig, &customers, pace).await?;
     settle(&rig, &placed).await?;
     let latencies = saga_latencies(&rig, &placed).await?;
-    let (to_reserved, to_confirmed) = saga_hops(&rig, &placed).await?;
+    let hops = steps(
+        &placed,
+        &[
+            &marks(&rig, "checkout", "checkout.order_placed.v1").await?,
+            &marks(&rig, "catalog", "catalog.stock_reserved.v1").await?,
+            &marks(&rig, "checkout", "checkout.order_confirmed.v1").await?,
+        ],
+    );
     let p = percentiles(latencies);
     println!(
         "(c) placement → confirmed at {pace:.0}/s: p50 {:.2} ms, p99 {:.2} ms {}, max {:.2} ms",
@@ -220,6 +215,8 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
         verdict(p.p99 <= 50.0),
         p.max
     );
+    let [to_reserved, to_confirmed]: [Vec<f64>; 2] =
+        hops.try_into().map_err(|_| anyhow!("two hops expected"))?;
     let (r, c) = (percentiles(to_reserved), percentiles(to_confirmed));
     println!(
         "    of which placed → stock reserved (catalog): p50 {:.2} ms, p99 {:.2} ms; \
@@ -228,318 +225,7 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
     );
     println!("    targets: p99 ≤ 50 ms");
 
-    rig.handle.stop(true).await;
+    handle.stop(true).await;
     server.await??;
     Ok(())
-}
-
-fn verdict(pass: bool) -> &'static str {
-    if pass { "PASS" } else { "MISS" }
-}
-
-async fn create_product(rig: &Rig, seller: &str, sku: &str, stock: i64) -> Result<String> {
-    let res = rig
-        .http
-        .post(format!("{}/api/v1/catalog/products", rig.base))
-        .bearer_auth(seller)
-        .json(&json!({"sku": sku, "name": sku, "price": {"amount_minor": 500, "currency": "EUR"}, "stock": stock}))
-        .send()
-        .await?;
-    if res.status() != 201 {
-        bail!("creating {sku}: {}", res.status());
-    }
-    let body: Value = res.json().await?;
-    body["id"]
-        .as_str()
-        .map(str::to_string)
-        .context("product id")
-}
-
-/// `clients` loops requesting `path(i)` as fast as answers come, for the phase length.
-async fn closed_loop(
-    rig: &Rig,
-    args: &Args,
-    path: impl Fn(usize) -> String + Clone + Send + 'static,
-) -> Result<f64> {
-    let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for i in 0..args.clients {
-        let (http, base, path) = (rig.http.clone(), rig.base.clone(), path.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut ok = 0_u64;
-            while Instant::now() < deadline {
-                let res = http.get(format!("{base}{}", path(i))).send().await?;
-                if res.status().is_success() {
-                    let _ = res.bytes().await?;
-                    ok += 1;
-                }
-            }
-            Ok::<_, reqwest::Error>(ok)
-        }));
-    }
-    let mut total = 0;
-    for t in tasks {
-        total += t.await??;
-    }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
-}
-
-/// `n` customers named after `phase`, each with one unit of `product` in the cart.
-async fn fill_carts(
-    rig: &Rig,
-    product: &str,
-    phase: &str,
-    n: usize,
-    clients: usize,
-) -> Result<Vec<String>> {
-    let tokens: Vec<String> = (0..n)
-        .map(|i| rig.token(&format!("bench-{phase}-{i}"), Role::Customer))
-        .collect();
-    let next = Arc::new(AtomicUsize::new(0));
-    let tokens = Arc::new(tokens);
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (http, base, next, tokens, product) = (
-            rig.http.clone(),
-            rig.base.clone(),
-            next.clone(),
-            tokens.clone(),
-            product.to_string(),
-        );
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(token) = tokens.get(i) else {
-                    return Ok::<_, anyhow::Error>(());
-                };
-                loop {
-                    let res = http
-                        .put(format!("{base}/api/v1/cart/items/{product}"))
-                        .bearer_auth(token)
-                        .json(&json!({"quantity": 1}))
-                        .send()
-                        .await?;
-                    match res.status().as_u16() {
-                        200 => break,
-                        // Cart has not heard of the product yet.
-                        404 => tokio::time::sleep(Duration::from_millis(5)).await,
-                        s => bail!("filling a cart: {s}"),
-                    }
-                }
-            }
-        }));
-    }
-    for t in tasks {
-        t.await??;
-    }
-    Ok(Arc::try_unwrap(tokens).unwrap_or_else(|t| (*t).clone()))
-}
-
-fn place(
-    http: &reqwest::Client,
-    base: &str,
-    token: &str,
-) -> impl std::future::Future<Output = Result<String>> {
-    let request = http
-        .post(format!("{base}/api/v1/checkout/orders"))
-        .bearer_auth(token)
-        .header("Idempotency-Key", "bench")
-        .json(&json!({
-            "shipping_address": {"name": "Bench", "line1": "1 Load St", "city": "Berlin", "postal_code": "10115", "country": "DE"},
-            "payment_token": "tok_ok"
-        }));
-    async move {
-        let res = request.send().await?;
-        if res.status() != 202 {
-            bail!("placement answered {}", res.status());
-        }
-        let order: Value = res.json().await?;
-        order["id"].as_str().map(str::to_string).context("order id")
-    }
-}
-
-/// Places orders from `clients` loops until `limit` passes or the carts run out.
-async fn place_all(
-    rig: &Rig,
-    customers: &[String],
-    clients: usize,
-    limit: Duration,
-) -> Result<(Vec<(String, String)>, Duration)> {
-    let next = Arc::new(AtomicUsize::new(0));
-    let customers = Arc::new(customers.to_vec());
-    let started = Instant::now();
-    let deadline = started + limit;
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let (http, base, next, customers) = (
-            rig.http.clone(),
-            rig.base.clone(),
-            next.clone(),
-            customers.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut placed = Vec::new();
-            while Instant::now() < deadline {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(token) = customers.get(i) else { break };
-                placed.push((token.clone(), place(&http, &base, token).await?));
-            }
-            Ok::<_, anyhow::Error>((placed, Instant::now()))
-        }));
-    }
-    let mut placed = Vec::new();
-    let mut finished = started;
-    for t in tasks {
-        let (mine, at) = t.await??;
-        placed.extend(mine);
-        finished = finished.max(at);
-    }
-    Ok((placed, finished - started))
-}
-
-/// Places one order per customer at `rate` per second, not waiting for answers
-/// before sending the next (an open loop).
-async fn paced(rig: &Rig, customers: &[String], rate: f64) -> Result<Vec<(String, String)>> {
-    let interval = Duration::from_secs_f64(1.0 / rate);
-    let started = tokio::time::Instant::now();
-    let mut tasks = Vec::new();
-    for (i, token) in customers.iter().enumerate() {
-        tokio::time::sleep_until(started + interval.mul_f64(i as f64)).await;
-        let (http, base, token) = (rig.http.clone(), rig.base.clone(), token.clone());
-        tasks.push(tokio::spawn(async move {
-            let id = place(&http, &base, &token).await?;
-            Ok::<_, anyhow::Error>((token, id))
-        }));
-    }
-    let mut placed = Vec::new();
-    for t in tasks {
-        placed.push(t.await??);
-    }
-    Ok(placed)
-}
-
-/// Waits until every order in `placed` is confirmed.
-async fn settle(rig: &Rig, placed: &[(String, String)]) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    for (token, id) in placed {
-        loop {
-            let order: Value = rig
-                .http
-                .get(format!("{}/api/v1/checkout/orders/{id}", rig.base))
-                .bearer_auth(token)
-                .send()
-                .await?
-                .json()
-                .await?;
-            match order["status"].as_str() {
-                Some("confirmed") => break,
-                Some("pending") if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await
-                }
-                other => bail!("order {id} ended {other:?}"),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Seconds from the first `order_placed` to the last `order_confirmed` of `placed`.
-async fn saga_span(rig: &Rig, placed: &[(String, String)]) -> Result<f64> {
-    let (placed_at, confirmed_at) = saga_marks(rig).await?;
-    let first = placed
-        .iter()
-        .filter_map(|(_, id)| placed_at.get(id))
-        .min()
-        .copied();
-    let last = placed
-        .iter()
-        .filter_map(|(_, id)| confirmed_at.get(id))
-        .max()
-        .copied();
-    match (first, last) {
-        (Some(f), Some(l)) => Ok((l - f).num_microseconds().unwrap_or(0) as f64 / 1e6),
-        _ => bail!("no saga events for these orders"),
-    }
-}
-
-type Marks = HashMap<String, chrono::DateTime<chrono::Utc>>;
-
-/// When each order was placed and confirmed, from checkout's outbox.
-async fn saga_marks(rig: &Rig) -> Result<(Marks, Marks)> {
-    let checkout = rig
-        .app
-        .module("checkout")
-        .context("checkout runs here")?
-        .db
-        .clone();
-    let events = checkout
-        .read(|conn| {
-            kernel::outbox::read_after(conn, "checkout", 0, i64::MAX / 2).map_err(DbError::from)
-        })
-        .await?;
-    let mut placed_at = HashMap::new();
-    let mut confirmed_at = HashMap::new();
-    for event in events {
-        let event = event.map_err(|e| anyhow!(e))?;
-        match event.name.as_str() {
-            "checkout.order_placed.v1" => placed_at.insert(event.aggregate_id, event.occurred_at),
-            "checkout.order_confirmed.v1" => {
-                confirmed_at.insert(event.aggregate_id, event.occurred_at)
-            }
-            _ => None,
-        };
-    }
-    Ok((placed_at, confirmed_at))
-}
-
-/// Per order, the two hops of the saga: placed → catalog reserved the stock, and
-/// reserved → checkout confirmed (the payment step), in ms.
-async fn saga_hops(rig: &Rig, placed: &[(String, String)]) -> Result<(Vec<f64>, Vec<f64>)> {
-    let (placed_at, confirmed_at) = saga_marks(rig).await?;
-    let catalog = rig
-        .app
-        .module("catalog")
-        .context("catalog runs here")?
-        .db
-        .clone();
-    let events = catalog
-        .read(|conn| {
-            kernel::outbox::read_after(conn, "catalog", 0, i64::MAX / 2).map_err(DbError::from)
-        })
-        .await?;
-    let mut reserved_at = HashMap::new();
-    for event in events {
-        let event = event.map_err(|e| anyhow!(e))?;
-        if event.name == "catalog.stock_reserved.v1" {
-            reserved_at.insert(event.aggregate_id, event.occurred_at);
-        }
-    }
-    let ms = |d: chrono::Duration| d.num_microseconds().unwrap_or(0) as f64 / 1000.0;
-    let mut first = Vec::new();
-    let mut second = Vec::new();
-    for (_, id) in placed {
-        if let (Some(p), Some(r), Some(c)) =
-            (placed_at.get(id), reserved_at.get(id), confirmed_at.get(id))
-        {
-            first.push(ms(*r - *p));
-            second.push(ms(*c - *r));
-        }
-    }
-    Ok((first, second))
-}
-
-/// Per order: from its `order_placed` commit to its `order_confirmed` commit, in ms,
-/// read from checkout's outbox.
-async fn saga_latencies(rig: &Rig, placed: &[(String, String)]) -> Result<Vec<f64>> {
-    let (placed_at, confirmed_at) = saga_marks(rig).await?;
-    placed
-        .iter()
-        .map(|(_, id)| {
-            let (Some(p), Some(c)) = (placed_at.get(id), confirmed_at.get(id)) else {
-                bail!("order {id} lacks its placed or confirmed event");
-            };
-            Ok((*c - *p).num_microseconds().unwrap_or(i64::MAX) as f64 / 1000.0)
-        })
-        .collect()
 }

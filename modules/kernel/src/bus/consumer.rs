@@ -316,28 +316,26 @@ impl ConsumerEngine {
             return Ok(HashSet::new());
         }
         let ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
-        let mut seen: HashSet<String> = colony_inbox::table
+        // One statement for the three places an event may already be.
+        let handled = colony_inbox::table
             .filter(colony_inbox::consumer.eq(self.consumer.name))
             .filter(colony_inbox::event_id.eq_any(&ids))
-            .select(colony_inbox::event_id)
-            .load::<String>(conn)?
-            .into_iter()
-            .collect();
-        seen.extend(
-            colony_deferred::table
-                .filter(colony_deferred::consumer.eq(self.consumer.name))
-                .filter(colony_deferred::event_id.eq_any(&ids))
-                .select(colony_deferred::event_id)
-                .load::<String>(conn)?,
-        );
-        seen.extend(
-            colony_dead_letters::table
-                .filter(colony_dead_letters::consumer.eq(self.consumer.name))
-                .filter(colony_dead_letters::event_id.eq_any(&ids))
-                .select(colony_dead_letters::event_id)
-                .load::<String>(conn)?,
-        );
-        Ok(seen)
+            .select(colony_inbox::event_id);
+        let queued = colony_deferred::table
+            .filter(colony_deferred::consumer.eq(self.consumer.name))
+            .filter(colony_deferred::event_id.eq_any(&ids))
+            .select(colony_deferred::event_id);
+        let parked = colony_dead_letters::table
+            .filter(colony_dead_letters::consumer.eq(self.consumer.name))
+            .filter(colony_dead_letters::event_id.eq_any(&ids))
+            .select(colony_dead_letters::event_id);
+        let all = handled.union_all(queued).union_all(parked);
+        // Unions are built per backend (the multi-backend has no such fragment).
+        let seen: Vec<String> = match conn {
+            AnyConnection::Sqlite(c) => all.load(c)?,
+            AnyConnection::Postgresql(c) => all.load(c)?,
+        };
+        Ok(seen.into_iter().collect())
     }
 
     fn defer(

@@ -112,15 +112,23 @@ impl NatsTransport {
     }
 
     /// Publishes `db`'s outbox until `shutdown`: woken by its commits, polling as a
-    /// fallback; a failed publish is tried again (the server drops duplicates).
+    /// fallback. Up to 256 messages are in flight; the relay position, moved only past
+    /// messages the server acknowledged, is written by a task of its own so the next
+    /// read and publish never wait for it. After a failure the relay starts again at
+    /// the written position (the server drops the duplicates).
     pub async fn relay(&self, db: Db, poll: Duration, mut shutdown: watch::Receiver<bool>) {
+        let source = db.module();
+        let (acked, acked_seen) = watch::channel(None::<i64>);
+        let keeper = tokio::spawn(keep_position(db.clone(), acked_seen));
         let mut commits = db.commits();
+        let mut cursor = None;
         while !*shutdown.borrow() {
-            let wait = match self.relay_once(&db).await {
+            let wait = match self.relay_round(&db, &mut cursor, &acked).await {
                 Ok(n) if n >= usize::try_from(RELAY_BATCH).unwrap_or(usize::MAX) => continue,
                 Ok(_) => poll,
                 Err(e) => {
-                    tracing::warn!(module = db.module(), error = %e, "outbox relay failed; retrying");
+                    tracing::warn!(module = source, error = %e, "outbox relay failed; retrying");
+                    cursor = None;
                     Duration::from_millis(500).min(poll)
                 }
             };
@@ -130,56 +138,100 @@ impl NatsTransport {
                 _ = shutdown.changed() => {}
             }
         }
+        drop(acked);
+        let _ = keeper.await;
     }
 
-    /// One round: publish what is not yet relayed, then mark what the server acked.
-    async fn relay_once(&self, db: &Db) -> Result<usize, BusError> {
+    /// Reads and publishes what follows `cursor` until a read comes back short, then
+    /// waits for the acknowledgements still out. Returns the size of the last read.
+    async fn relay_round(
+        &self,
+        db: &Db,
+        cursor: &mut Option<i64>,
+        acked: &watch::Sender<Option<i64>>,
+    ) -> Result<usize, BusError> {
         let source = db.module();
-        let rows = db
-            .read(move |conn| {
-                let after = outbox::relay_position(conn, source)?;
-                outbox::read_after(conn, source, after, RELAY_BATCH).map_err(DbError::from)
-            })
-            .await?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let mut pending = Vec::with_capacity(rows.len());
-        for row in rows {
-            let envelope = row.map_err(BusError::Corrupt)?;
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", envelope.event_id.to_string().as_str());
-            let payload =
-                serde_json::to_vec(&envelope).map_err(|e| BusError::Corrupt(e.to_string()))?;
-            let ack = self
-                .js
-                .publish_with_headers(subject(&self.prefix, &envelope), headers, payload.into())
-                .await
-                .map_err(transport_error)?;
-            pending.push((envelope.sequence, ack));
-        }
-        let mut acked = Vec::with_capacity(pending.len());
-        let mut failure = None;
-        for (sequence, ack) in pending {
-            match ack.await {
-                Ok(_) => acked.push(sequence),
-                Err(e) => {
-                    // Later ones may be stored, but the outbox keeps order: stop here.
-                    failure = Some(transport_error(e));
-                    break;
+        let batch = usize::try_from(RELAY_BATCH).unwrap_or(usize::MAX);
+        let mut window = VecDeque::new();
+        loop {
+            let after = match *cursor {
+                Some(at) => at,
+                None => {
+                    db.read(move |conn| outbox::relay_position(conn, source).map_err(DbError::from))
+                        .await?
+                }
+            };
+            let rows = db
+                .read(move |conn| {
+                    outbox::read_after(conn, source, after, RELAY_BATCH).map_err(DbError::from)
+                })
+                .await?;
+            let read = rows.len();
+            for row in rows {
+                let envelope = row.map_err(BusError::Corrupt)?;
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", envelope.event_id.to_string().as_str());
+                let payload =
+                    serde_json::to_vec(&envelope).map_err(|e| BusError::Corrupt(e.to_string()))?;
+                let ack = self
+                    .js
+                    .publish_with_headers(subject(&self.prefix, &envelope), headers, payload.into())
+                    .await
+                    .map_err(transport_error)?;
+                *cursor = Some(envelope.sequence);
+                window.push_back((envelope.sequence, ack));
+                if window.len() > MAX_IN_FLIGHT {
+                    settle_oldest(&mut window, acked).await?;
                 }
             }
+            if read < batch {
+                while !window.is_empty() {
+                    settle_oldest(&mut window, acked).await?;
+                }
+                return Ok(read);
+            }
         }
-        let count = acked.len();
-        if let Some(&last) = acked.last() {
-            db.write(move |conn| {
-                outbox::set_relay_position(conn, source, last).map_err(DbError::from)
-            })
-            .await?;
+    }
+}
+
+/// Publishes in flight at once per relay.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// Waits for the oldest publish in flight; its sequence is then acknowledged (the
+/// ones before it were). A failure ends the round: later messages may be stored,
+/// and the relay starts again after the last acknowledged one.
+async fn settle_oldest(
+    window: &mut VecDeque<(i64, jetstream::context::PublishAckFuture)>,
+    acked: &watch::Sender<Option<i64>>,
+) -> Result<(), BusError> {
+    if let Some((sequence, ack)) = window.pop_front() {
+        ack.await.map_err(transport_error)?;
+        acked.send_replace(Some(sequence));
+    }
+    Ok(())
+}
+
+/// Writes the relay position as acknowledgements move it: the latest value each
+/// time, so several acknowledgements between two writes make one write.
+async fn keep_position(db: Db, mut acked: watch::Receiver<Option<i64>>) {
+    let source = db.module();
+    loop {
+        let ended = acked.changed().await.is_err();
+        let latest = *acked.borrow_and_update();
+        if let Some(sequence) = latest {
+            let written = db
+                .write(move |conn| {
+                    outbox::set_relay_position(conn, source, sequence).map_err(DbError::from)
+                })
+                .await;
+            if let Err(e) = written {
+                // The next acknowledgement writes again; until then a restart
+                // publishes a few events twice, and the server drops them.
+                tracing::warn!(module = source, error = %e, "recording the relay position failed");
+            }
         }
-        match failure {
-            Some(e) => Err(e),
-            None => Ok(count),
+        if ended {
+            return;
         }
     }
 }
@@ -290,9 +342,23 @@ impl NatsSubscription {
         }
     }
 
-    /// Waits up to `timeout` for the first message, then takes what else is there.
+    /// Takes what is there; when nothing is, waits up to `timeout` for one message.
+    /// (Asking first keeps a second request off the path of an event that arrives
+    /// while the consumer waits: it is handled alone, the rest follows next pass.)
     async fn receive(&mut self, timeout: Duration) -> Result<(), BusError> {
         let consumer = self.consumer().await?;
+        let mut ready = consumer
+            .fetch()
+            .max_messages(256)
+            .messages()
+            .await
+            .map_err(transport_error)?;
+        while let Some(message) = ready.next().await {
+            self.keep(message.map_err(transport_error)?);
+        }
+        if !self.buffer.is_empty() {
+            return Ok(());
+        }
         let mut first = consumer
             .batch()
             .max_messages(1)
@@ -301,18 +367,6 @@ impl NatsSubscription {
             .await
             .map_err(transport_error)?;
         while let Some(message) = first.next().await {
-            self.keep(message.map_err(transport_error)?);
-        }
-        if self.buffer.is_empty() {
-            return Ok(());
-        }
-        let mut rest = consumer
-            .fetch()
-            .max_messages(255)
-            .messages()
-            .await
-            .map_err(transport_error)?;
-        while let Some(message) = rest.next().await {
             self.keep(message.map_err(transport_error)?);
         }
         Ok(())
