@@ -172,6 +172,29 @@ impl Running {
         pids
     }
 
+    /// The last lines of each process's log, to tell why a run failed.
+    fn show_logs(&self) {
+        let Some((dir, _)) = &self.split_dir else {
+            return;
+        };
+        for entry in std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log")
+                && let Ok(text) = std::fs::read_to_string(&path)
+            {
+                let lines: Vec<&str> = text.lines().collect();
+                println!("--- {}", path.display());
+                for line in &lines[lines.len().saturating_sub(5)..] {
+                    println!("{line}");
+                }
+            }
+        }
+    }
+
     fn stop(mut self) -> Result<()> {
         if let Some((dir, env)) = &self.split_dir {
             let status = split_script(dir.path(), env, "stop").status()?;
@@ -431,7 +454,10 @@ async fn measure(shape: Shape, args: &Args, nats_url: &str) -> Result<Figures> {
             placed.len() as f64 / saga
         );
 
-        // Latency at a pace both shapes keep up with.
+        // Latency at a pace both shapes keep up with, once the work the burst left
+        // behind (shipments, notifications) is done.
+        shipped(&rig, &placed).await?;
+        quiet(&pids).await;
         let count = ((args.pace * args.seconds) as usize).max(50);
         let customers = fill_carts(&rig, &product, "l", count, args.clients).await?;
         let placed = paced(&rig, &customers, args.pace).await?;
@@ -439,16 +465,7 @@ async fn measure(shape: Shape, args: &Args, nats_url: &str) -> Result<Figures> {
         let placed_at = marks(&rig, "checkout", "checkout.order_placed.v1").await?;
         let reserved_at = marks(&rig, "catalog", "catalog.stock_reserved.v1").await?;
         let confirmed_at = marks(&rig, "checkout", "checkout.order_confirmed.v1").await?;
-        // Delivery opens the shipment after the confirmation; wait for every one.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let shipped_at = loop {
-            let shipped = marks(&rig, "delivery", "delivery.shipment_created.v1").await?;
-            if placed.iter().all(|(_, id)| shipped.contains_key(id)) || Instant::now() > deadline
-            {
-                break shipped;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        };
+        let shipped_at = shipped(&rig, &placed).await?;
         let end_to_end = steps(&placed, &[&placed_at, &confirmed_at]).remove(0);
         let hops = steps(
             &placed,
@@ -485,8 +502,57 @@ async fn measure(shape: Shape, args: &Args, nats_url: &str) -> Result<Figures> {
     }
     .await;
     drop(rig);
+    if result.is_err() {
+        running.show_logs();
+    }
     running.stop()?;
     result
+}
+
+/// CPU time used so far by `pids`, in clock ticks.
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            // After "pid (comm)": state is field 3, utime 14 and stime 15.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let user = fields.get(11)?.parse::<u64>().ok()?;
+            let system = fields.get(12)?.parse::<u64>().ok()?;
+            Some(user + system)
+        })
+        .sum()
+}
+
+/// Waits (up to a minute) until `pids` together use less than a tenth of a core
+/// over half a second: the work a burst left behind is done.
+async fn quiet(pids: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut before = cpu_ticks(pids);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = cpu_ticks(pids);
+        // Clock ticks are 1/100 s: 5 ticks in 0.5 s is a tenth of a core.
+        if now.saturating_sub(before) < 5 {
+            return;
+        }
+        before = now;
+    }
+}
+
+/// Waits until delivery opened a shipment for each of `placed`; when each was opened.
+async fn shipped(rig: &Rig, placed: &[(String, String)]) -> Result<support::Marks> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let shipped = marks(rig, "delivery", "delivery.shipment_created.v1").await?;
+        if placed.iter().all(|(_, id)| shipped.contains_key(id)) {
+            return Ok(shipped);
+        }
+        if Instant::now() > deadline {
+            bail!("shipments missing after two minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn report(mono: &Figures, split: &Figures) {

@@ -141,7 +141,7 @@ pub async fn fill_carts(
                         200 => break,
                         // Cart has not heard of the product yet.
                         404 => tokio::time::sleep(Duration::from_millis(5)).await,
-                        s => bail!("filling a cart: {s}"),
+                        s => bail!("filling a cart: {s} {}", res.text().await?),
                     }
                 }
             }
