@@ -128,9 +128,46 @@ struct Figures {
     pg_connections: i64,
     placements_per_s: f64,
     saga_per_s: f64,
+    /// On fresh databases, and after the burst.
+    latency: [Latency; 2],
+}
+
+struct Latency {
     end_to_end: Percentiles,
     /// placed → reserved, reserved → confirmed, confirmed → shipment created.
     hops: Vec<Percentiles>,
+}
+
+const LATENCY_RUNS: [&str; 2] = ["before the burst", "after the burst"];
+
+/// Orders placed at `args.pace` for `args.seconds`, each saga timed from the outboxes.
+async fn latency_run(rig: &Rig, product: &str, args: &Args, phase: &str) -> Result<Latency> {
+    let count = ((args.pace * args.seconds) as usize).max(50);
+    let customers = fill_carts(rig, product, phase, count, args.clients).await?;
+    let placed = paced(rig, &customers, args.pace).await?;
+    settle(rig, &placed).await?;
+    let placed_at = marks(rig, "checkout", "checkout.order_placed.v1").await?;
+    let reserved_at = marks(rig, "catalog", "catalog.stock_reserved.v1").await?;
+    let confirmed_at = marks(rig, "checkout", "checkout.order_confirmed.v1").await?;
+    let shipped_at = shipped(rig, &placed).await?;
+    let end_to_end = steps(&placed, &[&placed_at, &confirmed_at]).remove(0);
+    let hops = steps(
+        &placed,
+        &[&placed_at, &reserved_at, &confirmed_at, &shipped_at],
+    );
+    if hops.iter().any(|h| h.len() != placed.len()) {
+        bail!("some orders lack a saga event");
+    }
+    let end_to_end = percentiles(end_to_end);
+    println!(
+        "placement → confirmed at {}/s ({phase}): p50 {:.2} ms, p99 {:.2} ms",
+        args.pace, end_to_end.p50, end_to_end.p99
+    );
+    let hops: Vec<Percentiles> = hops.into_iter().map(percentiles).collect();
+    for (name, p) in HOPS.iter().zip(&hops) {
+        println!("  hop {name}: p50 {:.2} ms, p99 {:.2} ms", p.p50, p.p99);
+    }
+    Ok(Latency { end_to_end, hops })
 }
 
 const HOPS: [&str; 3] = [
@@ -418,6 +455,10 @@ async fn measure(shape: Shape, args: &Args, nats_url: &str) -> Result<Figures> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_idle = rss_mib(&pids);
 
+        // Latency at a pace both shapes keep up with, before any burst.
+        let fresh = latency_run(&rig, &product, args, "fresh").await?;
+        quiet(&pids).await;
+
         // Throughput, with resident memory sampled meanwhile.
         let count = (args.seconds * 1_500.0) as usize;
         let customers = fill_carts(&rig, &product, "t", count, args.clients).await?;
@@ -454,35 +495,11 @@ async fn measure(shape: Shape, args: &Args, nats_url: &str) -> Result<Figures> {
             placed.len() as f64 / saga
         );
 
-        // Latency at a pace both shapes keep up with, once the work the burst left
-        // behind (shipments, notifications) is done.
+        // Latency again, once the work the burst left behind (shipments,
+        // notifications) is done.
         shipped(&rig, &placed).await?;
         quiet(&pids).await;
-        let count = ((args.pace * args.seconds) as usize).max(50);
-        let customers = fill_carts(&rig, &product, "l", count, args.clients).await?;
-        let placed = paced(&rig, &customers, args.pace).await?;
-        settle(&rig, &placed).await?;
-        let placed_at = marks(&rig, "checkout", "checkout.order_placed.v1").await?;
-        let reserved_at = marks(&rig, "catalog", "catalog.stock_reserved.v1").await?;
-        let confirmed_at = marks(&rig, "checkout", "checkout.order_confirmed.v1").await?;
-        let shipped_at = shipped(&rig, &placed).await?;
-        let end_to_end = steps(&placed, &[&placed_at, &confirmed_at]).remove(0);
-        let hops = steps(
-            &placed,
-            &[&placed_at, &reserved_at, &confirmed_at, &shipped_at],
-        );
-        if hops.iter().any(|h| h.len() != placed.len()) {
-            bail!("some orders lack a saga event");
-        }
-        let end_to_end = percentiles(end_to_end);
-        println!(
-            "placement → confirmed at {}/s: p50 {:.2} ms, p99 {:.2} ms",
-            args.pace, end_to_end.p50, end_to_end.p99
-        );
-        let hops: Vec<Percentiles> = hops.into_iter().map(percentiles).collect();
-        for (name, p) in HOPS.iter().zip(&hops) {
-            println!("  hop {name}: p50 {:.2} ms, p99 {:.2} ms", p.p50, p.p99);
-        }
+        let after = latency_run(&rig, &product, args, "after").await?;
         let figures = Figures {
             shape,
             processes: pids.len(),
@@ -491,8 +508,7 @@ async fn measure(shape: Shape, args: &Args, nats_url: &str) -> Result<Figures> {
             pg_connections: connections,
             placements_per_s,
             saga_per_s,
-            end_to_end,
-            hops,
+            latency: [fresh, after],
         };
         println!(
             "{} processes, resident memory {:.0} MiB idle, {:.0} MiB at peak; {} PostgreSQL connections under load",
@@ -558,12 +574,13 @@ async fn shipped(rig: &Rig, placed: &[(String, String)]) -> Result<support::Mark
 fn report(mono: &Figures, split: &Figures) {
     println!("\n[monolith → split]");
     println!(
-        "| shape | processes | RSS idle / peak MiB | PG connections | placements/s | saga orders/s | p50 ms | p99 ms |"
+        "| shape | processes | RSS idle / peak MiB | PG connections | placements/s | saga orders/s | p50 / p99 ms before | p50 / p99 ms after |"
     );
     println!("|---|---|---|---|---|---|---|---|");
     for f in [mono, split] {
+        let [fresh, after] = &f.latency;
         println!(
-            "| {} | {} | {:.0} / {:.0} | {} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            "| {} | {} | {:.0} / {:.0} | {} | {:.0} | {:.0} | {:.2} / {:.2} | {:.2} / {:.2} |",
             f.shape.name(),
             f.processes,
             f.rss_idle_mib,
@@ -571,22 +588,26 @@ fn report(mono: &Figures, split: &Figures) {
             f.pg_connections,
             f.placements_per_s,
             f.saga_per_s,
-            f.end_to_end.p50,
-            f.end_to_end.p99
+            fresh.end_to_end.p50,
+            fresh.end_to_end.p99,
+            after.end_to_end.p50,
+            after.end_to_end.p99
         );
     }
     println!(
         "placements/s split ÷ monolith {:.2}",
         split.placements_per_s / mono.placements_per_s
     );
-    for (i, name) in HOPS.iter().enumerate() {
-        let (m, s) = (&mono.hops[i], &split.hops[i]);
-        let (d50, d99) = (s.p50 - m.p50, s.p99 - m.p99);
-        println!(
-            "added by the split, hop {name}: p50 {d50:+.2} ms {}, p99 {d99:+.2} ms {}   (targets ≤ 1 / ≤ 5 ms)",
-            verdict(d50 <= 1.0),
-            verdict(d99 <= 5.0)
-        );
+    for (run, when) in LATENCY_RUNS.iter().enumerate() {
+        for (i, name) in HOPS.iter().enumerate() {
+            let (m, s) = (&mono.latency[run].hops[i], &split.latency[run].hops[i]);
+            let (d50, d99) = (s.p50 - m.p50, s.p99 - m.p99);
+            println!(
+                "added by the split ({when}), hop {name}: p50 {d50:+.2} ms {}, p99 {d99:+.2} ms {}   (targets ≤ 1 / ≤ 5 ms)",
+                verdict(d50 <= 1.0),
+                verdict(d99 <= 5.0)
+            );
+        }
     }
 }
 
