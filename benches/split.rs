@@ -410,7 +410,7 @@ async fn start(shape: Shape, db: &TestDatabase, nats_url: &str) -> Result<Runnin
 fn module_db(db: &TestDatabase, module: &'static str) -> Result<Db> {
     let location = Location::resolve(&db.url(), module)?;
     let options = PoolOptions {
-        max_size: 2,
+        max_size: 4,
         ..PoolOptions::default()
     };
     let pool = db::pool(db::prepare(&location, &options)?, &options)?;
@@ -627,15 +627,12 @@ impl contracts::Event for Filler {
 async fn relay_against_raw(nats_url: &str, n: usize) -> Result<()> {
     println!("\n[relay]");
     let db = TestDatabase::postgres().context("PostgreSQL")?;
-    let location = Location::resolve(&db.url(), "checkout")?;
-    let options = PoolOptions::default();
-    let pool = db::pool(db::prepare(&location, &options)?, &options)?;
+    let outbox_db = module_db(&db, "checkout")?;
     let spec = colony::registry::ALL
         .iter()
         .find(|m| m.name == "checkout")
         .context("checkout module")?;
-    kernel::migrate::run_pending(&mut *pool.get()?, "checkout", spec.migrations)?;
-    let outbox_db = Db::new("checkout", location.backend(), pool);
+    kernel::migrate::run_pending(&mut *outbox_db.pool().get()?, "checkout", spec.migrations)?;
     let fill = outbox_db.clone();
     tokio::task::spawn_blocking(move || -> Result<()> {
         let mut conn = fill.pool().get()?;

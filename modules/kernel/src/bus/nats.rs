@@ -89,11 +89,6 @@ impl NatsTransport {
         self
     }
 
-    /// The name under which this process holds consumer leases.
-    pub fn holder(&self) -> &str {
-        &self.holder
-    }
-
     /// Creates the stream of `source` if missing (idempotent; every process that
     /// publishes or reads it may call this).
     pub async fn ensure_stream(&self, source: &str) -> Result<(), BusError> {
