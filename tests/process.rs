@@ -135,3 +135,43 @@ fn token_prints_a_token_the_server_accepts() {
     );
     assert!((claims.exp - claims.iat - 1800).abs() <= 1);
 }
+
+/// CPU time (user + system) the process has used so far, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test]
+async fn an_idle_process_sleeps() {
+    let dir = tempfile::tempdir().unwrap();
+    let colony = start(dir.path());
+    let token = Authenticator::new(SECRET).issue("seller-1", Role::Seller, Duration::from_secs(60));
+    // Some work first, so that every module has committed and been woken once.
+    let res = reqwest::Client::new()
+        .post(format!("{}/api/v1/catalog/products", colony.address))
+        .bearer_auth(&token)
+        .json(&serde_json::json!({"sku": "P-1", "name": "Idle", "price": {"amount_minor": 5, "currency": "EUR"}, "stock": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let pid = colony.child.id();
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let used = cpu_ticks(pid) - before;
+    assert!(terminate(colony).success());
+    // Clock ticks are 1/100 s: an idle process polls now and then and uses well
+    // under a tenth of one core; a worker that wakes itself keeps a core busy.
+    assert!(used < 30, "an idle process used {used} ticks of CPU in 3 s");
+}

@@ -262,6 +262,10 @@ pub async fn run_worker(
 ) {
     let mut commits = db.commits();
     while !*shutdown.borrow() {
+        // Marked seen before looking, so a commit from here on (one that makes a step
+        // due, or this worker's own) wakes one more look, and a look that finds
+        // nothing due writes nothing: an idle worker sleeps instead of waking itself.
+        commits.borrow_and_update();
         let wait = match take_due_steps(&db, &gateway, lease).await {
             Ok(Some(next)) => (next - kernel::time::now())
                 .to_std()
@@ -306,30 +310,27 @@ async fn take_due_steps(
     lease: chrono::Duration,
 ) -> Result<Option<NaiveDateTime>, DbError> {
     loop {
+        let next = db
+            .read(|conn| store::next_payment_due(conn).map_err(DbError::from))
+            .await?;
+        match next {
+            Some(due) if due <= kernel::time::now() => {}
+            later => return Ok(later),
+        }
         let claimed = db
             .write(move |conn| {
                 let now = kernel::time::now();
-                let mut claimed = Vec::new();
-                for id in store::payments_due(conn, now, BATCH)? {
-                    if store::claim_payment(conn, &id, now, now + lease)? {
-                        claimed.extend(store::find(conn, &id)?);
-                    }
-                }
-                Ok::<_, DbError>(claimed)
+                let due = store::payments_due(conn, now, BATCH)?;
+                store::claim_payments(conn, &due, now, now + lease).map_err(DbError::from)
             })
             .await?;
         if claimed.is_empty() {
-            break;
+            // Another replica took them: look again for what falls due next.
+            continue;
         }
-        let full = i64::try_from(claimed.len()).unwrap_or(BATCH) >= BATCH;
         let answers = call_gateway(gateway, claimed).await;
         db.write(move |conn| record(conn, answers)).await?;
-        if !full {
-            break;
-        }
     }
-    db.read(|conn| store::next_payment_due(conn).map_err(DbError::from))
-        .await
 }
 
 /// The gateway call each claimed order's step needs, at most `IN_FLIGHT` at once.

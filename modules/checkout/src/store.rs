@@ -179,21 +179,33 @@ pub fn next_payment_due(conn: &mut AnyConnection) -> QueryResult<Option<NaiveDat
         .get_result(conn)
 }
 
-/// Takes the payment step of `id` for `lease` (no other replica will), if due.
-pub fn claim_payment(
+/// Takes the payment steps of `ids` that are still due until `until` (no other
+/// replica will meanwhile), and returns the orders taken.
+///
+/// A step another replica claimed first no longer matches `payment_due_at <= now`
+/// (PostgreSQL re-checks the condition once that replica's row lock is released),
+/// so only this claim's rows carry `until`.
+pub fn claim_payments(
     conn: &mut AnyConnection,
-    id: &str,
+    ids: &[String],
     now: NaiveDateTime,
     until: NaiveDateTime,
-) -> QueryResult<bool> {
-    let claimed = diesel::update(
+) -> QueryResult<Vec<OrderRow>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    diesel::update(
         orders::table
-            .find(id)
+            .filter(orders::id.eq_any(ids))
             .filter(orders::payment_due_at.le(now)),
     )
     .set(orders::payment_due_at.eq(Some(until)))
     .execute(conn)?;
-    Ok(claimed == 1)
+    orders::table
+        .filter(orders::id.eq_any(ids))
+        .filter(orders::payment_due_at.eq(until))
+        .select(OrderRow::as_select())
+        .load(conn)
 }
 
 /// A failed payment step: try again at `due`.
