@@ -2,7 +2,10 @@
 //! transaction as the state change it reports.
 
 use contracts::Event;
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
 use uuid::Uuid;
 
 use crate::db::AnyConnection;
@@ -58,43 +61,89 @@ impl Publisher {
         );
         let payload = serde_json::to_value(event)
             .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
-        let sequence = next_sequence(conn)?;
-        let envelope = Envelope {
+        let mut envelope = Envelope {
             event_id: Uuid::now_v7(),
             name: E::NAME.to_string(),
             source: self.source.to_string(),
             aggregate_id: aggregate_id.to_string(),
-            sequence,
+            sequence: 0,
             occurred_at: crate::time::now().and_utc(),
             correlation_id: self.correlation_id,
             causation_id: self.causation_id,
             traceparent: self.trace.map(|t| t.to_string()),
             payload,
         };
-        diesel::insert_into(colony_outbox::table)
-            .values(OutboxRow::from_envelope(&envelope))
-            .execute(conn)?;
+        match conn {
+            AnyConnection::Postgresql(c) => {
+                envelope.sequence = AppendPg(&OutboxRow::from_envelope(&envelope)).get_result(c)?;
+            }
+            AnyConnection::Sqlite(_) => {
+                envelope.sequence = next_sequence(conn)?;
+                diesel::insert_into(colony_outbox::table)
+                    .values(OutboxRow::from_envelope(&envelope))
+                    .execute(conn)?;
+            }
+        }
         Ok(envelope)
     }
 }
 
-/// The next sequence of this module's outbox.
-///
-/// PostgreSQL: bumps the one-row head, whose row lock then orders concurrent
-/// publishers by commit. SQLite: its write transactions (`BEGIN IMMEDIATE`) are
-/// serialised already, so the largest sequence plus one is safe and writes no page
-/// besides the new row's. (Outbox pruning must therefore keep the newest row.)
-fn next_sequence(conn: &mut AnyConnection) -> QueryResult<i64> {
-    match conn {
-        AnyConnection::Sqlite(c) => colony_outbox::table
-            .select(diesel::dsl::max(colony_outbox::sequence))
-            .get_result::<Option<i64>>(c)
-            .map(|max| max.unwrap_or(0) + 1),
-        AnyConnection::Postgresql(c) => diesel::update(colony_outbox_head::table.find(1))
-            .set(colony_outbox_head::last_sequence.eq(colony_outbox_head::last_sequence + 1))
-            .returning(colony_outbox_head::last_sequence)
-            .get_result(c),
+/// PostgreSQL: bumps the head and appends the row in one statement (one round
+/// trip, prepared once per connection); returns the row's sequence.
+struct AppendPg<'a>(&'a OutboxRow);
+
+impl QueryId for AppendPg<'_> {
+    type QueryId = AppendPg<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for AppendPg<'_> {
+    type SqlType = BigInt;
+}
+
+impl RunQueryDsl<PgConnection> for AppendPg<'_> {}
+
+impl QueryFragment<Pg> for AppendPg<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let row = self.0;
+        out.push_sql(
+            "WITH head AS (UPDATE colony_outbox_head SET last_sequence = last_sequence + 1 \
+             WHERE id = 1 RETURNING last_sequence) \
+             INSERT INTO colony_outbox (sequence, event_id, name, aggregate_id, occurred_at, \
+             correlation_id, causation_id, traceparent, payload) SELECT last_sequence, ",
+        );
+        out.push_bind_param::<Text, _>(&row.event_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.name)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.aggregate_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamp, _>(&row.occurred_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.correlation_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&row.causation_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&row.traceparent)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.payload)?;
+        out.push_sql(" FROM head RETURNING sequence");
+        Ok(())
     }
+}
+
+/// The next sequence of this module's outbox, on SQLite.
+///
+/// PostgreSQL bumps the one-row head instead (`AppendPg`), whose row lock then
+/// orders concurrent publishers by commit. SQLite's write transactions (`BEGIN
+/// IMMEDIATE`) are serialised already, so the largest sequence plus one is safe
+/// and writes no page besides the new row's. (Outbox pruning must therefore keep
+/// the newest row.)
+fn next_sequence(conn: &mut AnyConnection) -> QueryResult<i64> {
+    colony_outbox::table
+        .select(diesel::dsl::max(colony_outbox::sequence))
+        .get_result::<Option<i64>>(conn)
+        .map(|max| max.unwrap_or(0) + 1)
 }
 
 /// One outbox row.

@@ -62,6 +62,34 @@ enum Outcome {
     Failed(HandlerError),
 }
 
+/// How a pass handles its batch.
+enum Mode {
+    /// All events in the one transaction, as if none will fail.
+    Whole,
+    /// Each event in a savepoint of its own; the event that failed the whole
+    /// batch, if one did, with its failure.
+    EventByEvent(Option<(Uuid, HandlerError)>),
+}
+
+/// A pass's failure, or its request to be run again event by event (with the
+/// event whose handler failed, if that was the reason).
+enum PassError {
+    Bus(BusError),
+    Rerun(Option<(Uuid, HandlerError)>),
+}
+
+impl From<BusError> for PassError {
+    fn from(e: BusError) -> Self {
+        Self::Bus(e)
+    }
+}
+
+impl From<diesel::result::Error> for PassError {
+    fn from(e: diesel::result::Error) -> Self {
+        Self::Bus(e.into())
+    }
+}
+
 /// Why an attempt's savepoint was rolled back.
 enum Undo {
     Duplicate,
@@ -90,12 +118,38 @@ impl ConsumerEngine {
     }
 
     /// Handles what is due: retries first, then new events, in one transaction.
+    ///
+    /// Most batches go through whole: they are handled without a savepoint per
+    /// event and their inbox records written in one statement. Should a handler
+    /// fail (or an event turn out handled already), that transaction is rolled back
+    /// and the batch run again with a savepoint per event, so the failure is dealt
+    /// with alone (retried, queued behind or parked) and the others still commit.
     pub fn pass(
         &self,
         conn: &mut AnyConnection,
         sub: &mut dyn Subscription,
         now: NaiveDateTime,
     ) -> Result<PassReport, BusError> {
+        match self.pass_as(conn, sub, now, Mode::Whole) {
+            Err(PassError::Rerun(failed)) => {
+                sub.rewind();
+                self.pass_as(conn, sub, now, Mode::EventByEvent(failed))
+            }
+            other => other,
+        }
+        .map_err(|e| match e {
+            PassError::Bus(e) => e,
+            PassError::Rerun(_) => BusError::Transport("a pass asked to run again twice".into()),
+        })
+    }
+
+    fn pass_as(
+        &self,
+        conn: &mut AnyConnection,
+        sub: &mut dyn Subscription,
+        now: NaiveDateTime,
+        mode: Mode,
+    ) -> Result<PassReport, PassError> {
         let report = write_tx(conn, |conn| {
             let mut report = PassReport::default();
             // Pull first: it claims this consumer's turn before anything else is read.
@@ -122,6 +176,15 @@ impl ConsumerEngine {
             } else {
                 HashSet::new()
             };
+            // Retries and keys waiting behind them: event by event from the start.
+            let whole = matches!(mode, Mode::Whole) && waiting == 0;
+            // The handler that failed the whole batch has had its attempt: its
+            // outcome is that failure, not a second call.
+            let mut failed_before = match mode {
+                Mode::EventByEvent(failed) => failed,
+                Mode::Whole => None,
+            };
+            let mut handled_whole = Vec::new();
             for event in &events {
                 if !self.consumer.wants(&event.name) {
                     report.passed_by += 1;
@@ -137,7 +200,24 @@ impl ConsumerEngine {
                     report.queued_behind += 1;
                     continue;
                 }
-                match self.attempt(conn, event) {
+                if whole {
+                    self.handle(conn, event)
+                        .map_err(|e| PassError::Rerun(Some((event.event_id, e))))?;
+                    handled_whole.push(event.event_id.to_string());
+                    report.handled += 1;
+                    continue;
+                }
+                let outcome = match failed_before.take() {
+                    Some((id, error)) if id == event.event_id => {
+                        tracing::warn!(parent: &self.span(event), error = %error, "event handler failed");
+                        Outcome::Failed(error)
+                    }
+                    other => {
+                        failed_before = other;
+                        self.attempt(conn, event)
+                    }
+                };
+                match outcome {
                     Outcome::Handled => report.handled += 1,
                     Outcome::Duplicate => report.duplicates += 1,
                     Outcome::Failed(HandlerError::Retry(error)) if self.policy.max_attempts > 1 => {
@@ -154,6 +234,7 @@ impl ConsumerEngine {
                     }
                 }
             }
+            self.record_handled(conn, &handled_whole)?;
             if let Some(last) = events.last() {
                 sub.advance(conn, last)?;
             }
@@ -167,7 +248,7 @@ impl ConsumerEngine {
             } else {
                 None
             };
-            Ok::<_, BusError>(report)
+            Ok::<_, PassError>(report)
         })?;
         self.record(&report);
         if report.handled > 0 {
@@ -183,12 +264,15 @@ impl ConsumerEngine {
             .unwrap_or_else(|_| chrono::Duration::seconds(60))
     }
 
-    /// Handles one event in a savepoint: its writes and its inbox record commit
-    /// together or are undone together. The inbox record goes first, so an event
-    /// handled before is recognised by its key (at no extra query) and skipped.
-    fn attempt(&self, conn: &mut AnyConnection, event: &Envelope) -> Outcome {
+    /// Runs the handler on one event, in its span.
+    fn handle(&self, conn: &mut AnyConnection, event: &Envelope) -> Result<(), HandlerError> {
+        let _entered = self.span(event).entered();
+        self.consumer.handler.handle(conn, event)
+    }
+
+    fn span(&self, event: &Envelope) -> tracing::Span {
         let trace = event.trace();
-        let span = tracing::info_span!(
+        tracing::info_span!(
             "event.handle",
             consumer = self.consumer.name,
             event.name = %event.name,
@@ -197,7 +281,47 @@ impl ConsumerEngine {
             correlation_id = %event.correlation_id,
             trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
             parent_span_id = trace.map(|t| t.span_id_hex()).unwrap_or_default(),
-        );
+        )
+    }
+
+    /// The inbox records of events handled in a whole batch, in one statement. An
+    /// event recorded already (a redelivery the already-seen check could not see)
+    /// sends the batch round again, event by event.
+    fn record_handled(&self, conn: &mut AnyConnection, ids: &[String]) -> Result<(), PassError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let handled_at = crate::time::now();
+        let rows: Vec<_> = ids
+            .iter()
+            .map(|id| {
+                (
+                    colony_inbox::consumer.eq(self.consumer.name),
+                    colony_inbox::event_id.eq(id.as_str()),
+                    colony_inbox::handled_at.eq(handled_at),
+                )
+            })
+            .collect();
+        let insert = diesel::insert_into(colony_inbox::table).values(rows);
+        // Multi-row inserts are built per backend (the multi-backend has none).
+        let inserted = match conn {
+            AnyConnection::Sqlite(c) => insert.execute(c),
+            AnyConnection::Postgresql(c) => insert.execute(c),
+        };
+        match inserted {
+            Err(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::UniqueViolation,
+                _,
+            )) => Err(PassError::Rerun(None)),
+            other => other.map(|_| ()).map_err(PassError::from),
+        }
+    }
+
+    /// Handles one event in a savepoint: its writes and its inbox record commit
+    /// together or are undone together. The inbox record goes first, so an event
+    /// handled before is recognised by its key (at no extra query) and skipped.
+    fn attempt(&self, conn: &mut AnyConnection, event: &Envelope) -> Outcome {
+        let span = self.span(event);
         let _entered = span.enter();
         let result = conn.transaction::<_, Undo, _>(|conn| {
             let recorded = diesel::insert_into(colony_inbox::table)

@@ -151,6 +151,9 @@ pub trait Subscription: Send + 'static {
     fn may_redeliver(&self) -> bool {
         true
     }
+    /// The transaction that pulled was rolled back to be run again: the next `pull`
+    /// returns the same events first.
+    fn rewind(&mut self) {}
     /// After the transaction ended: acknowledge (committed) or let them come again.
     fn settle(&mut self, committed: bool) -> BoxFuture<'_, ()>;
 }

@@ -417,6 +417,12 @@ impl Subscription for NatsSubscription {
         true
     }
 
+    fn rewind(&mut self) {
+        for item in std::mem::take(&mut self.pulled).into_iter().rev() {
+            self.buffer.push_front(item);
+        }
+    }
+
     fn settle(&mut self, committed: bool) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             for message in std::mem::take(&mut self.released) {
