@@ -50,16 +50,19 @@ pub fn find(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<ProductRow
         .optional()
 }
 
-/// Reads a product for change, holding its row lock until the transaction ends
-/// (an update that changes nothing takes the lock on both backends).
+/// Reads a product for change inside a write transaction, holding its row lock
+/// until the transaction ends. (SQLite's write transactions hold the whole
+/// database from their first statement: a plain read is enough there.)
 pub fn lock(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<ProductRow>> {
-    let touched = diesel::update(products::table.find(id))
-        .set(products::id.eq(products::id))
-        .execute(conn)?;
-    if touched == 0 {
-        return Ok(None);
+    let query = products::table.find(id);
+    match conn {
+        AnyConnection::Sqlite(c) => query.select(ProductRow::as_select()).get_result(c),
+        AnyConnection::Postgresql(c) => query
+            .select(ProductRow::as_select())
+            .for_update()
+            .get_result(c),
     }
-    find(conn, id)
+    .optional()
 }
 
 /// Listed products after `after` (by id, which is time-ordered), at most `limit`.

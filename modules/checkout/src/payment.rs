@@ -2,6 +2,7 @@
 //! call goes through (timeout, circuit breaker), and the worker that takes the
 //! saga's payment steps outside any database transaction.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -254,6 +255,10 @@ pub fn lease_for(settings: &PaymentSettings) -> chrono::Duration {
 /// Takes due payment steps (charges after reservation, refunds after a cancelled
 /// shipment) until `shutdown`. Each step: claim (a short transaction), call the
 /// gateway (no transaction open), record the outcome and publish (a transaction).
+///
+/// Claimed batches run side by side (up to `BATCHES_IN_FLIGHT`): a step that falls
+/// due while an earlier batch waits for the gateway or its commit is claimed at
+/// once instead of after it. On shutdown the batches in flight are finished.
 pub async fn run_worker(
     db: Db,
     gateway: Arc<dyn PaymentGateway>,
@@ -261,20 +266,37 @@ pub async fn run_worker(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut commits = db.commits();
+    let mut batches = tokio::task::JoinSet::new();
     while !*shutdown.borrow() {
+        while let Some(done) = batches.try_join_next() {
+            report_batch(done);
+        }
         // Marked seen before looking, so a commit from here on (one that makes a step
         // due, or this worker's own) wakes one more look, and a look that finds
         // nothing due writes nothing: an idle worker sleeps instead of waking itself.
         commits.borrow_and_update();
-        let wait = match take_due_steps(&db, &gateway, lease).await {
-            Ok(Some(next)) => (next - kernel::time::now())
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-                .min(POLL),
-            Ok(None) => POLL,
-            Err(e) => {
-                tracing::warn!(error = %e, "payment worker could not read due steps");
-                POLL
+        let wait = if batches.len() >= BATCHES_IN_FLIGHT {
+            POLL
+        } else {
+            match claim_due_steps(&db, lease).await {
+                Ok(Claim::Taken(claimed)) => {
+                    let (db, gateway) = (db.clone(), gateway.clone());
+                    batches.spawn(async move {
+                        let answers = call_gateway(&gateway, claimed).await;
+                        db.write(move |conn| record(conn, answers)).await
+                    });
+                    continue;
+                }
+                Ok(Claim::NextDue(next)) => next.map_or(POLL, |next| {
+                    (next - kernel::time::now())
+                        .to_std()
+                        .unwrap_or(Duration::ZERO)
+                        .min(POLL)
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "payment worker could not read due steps");
+                    POLL
+                }
             }
         };
         if wait.is_zero() {
@@ -284,12 +306,27 @@ pub async fn run_worker(
             _ = commits.changed() => {}
             () = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => {}
+            Some(done) = batches.join_next(), if !batches.is_empty() => report_batch(done),
         }
+    }
+    while let Some(done) = batches.join_next().await {
+        report_batch(done);
     }
 }
 
-/// Payment steps claimed and gateway calls in flight at once.
+fn report_batch(done: Result<Result<(), DbError>, tokio::task::JoinError>) {
+    match done {
+        Ok(Ok(())) => {}
+        // Its claims run out and the steps are taken again.
+        Ok(Err(e)) => tracing::warn!(error = %e, "recording payment steps failed"),
+        Err(e) => tracing::error!(error = %e, "a payment batch panicked"),
+    }
+}
+
+/// Payment steps claimed at once, batches of them in flight at once, and gateway
+/// calls in flight at once per batch.
 const BATCH: i64 = 128;
+const BATCHES_IN_FLIGHT: usize = 4;
 const IN_FLIGHT: usize = 32;
 
 /// What the gateway answered for one claimed step.
@@ -301,21 +338,24 @@ enum Answer {
     Nothing,
 }
 
-/// Runs every step due now, in batches: one transaction claims a batch, the gateway
-/// calls run concurrently (no transaction open), one transaction records them all.
-/// Returns when the next step falls due.
-async fn take_due_steps(
-    db: &Db,
-    gateway: &Arc<dyn PaymentGateway>,
-    lease: chrono::Duration,
-) -> Result<Option<NaiveDateTime>, DbError> {
+/// What a look for due steps found.
+enum Claim {
+    /// Steps due now, claimed by this process.
+    Taken(Vec<store::OrderRow>),
+    /// Nothing due now; when the next step falls due, if any.
+    NextDue(Option<NaiveDateTime>),
+}
+
+/// Claims the steps due now: a read first, so a look that finds nothing writes
+/// nothing.
+async fn claim_due_steps(db: &Db, lease: chrono::Duration) -> Result<Claim, DbError> {
     loop {
         let next = db
             .read(|conn| store::next_payment_due(conn).map_err(DbError::from))
             .await?;
         match next {
             Some(due) if due <= kernel::time::now() => {}
-            later => return Ok(later),
+            later => return Ok(Claim::NextDue(later)),
         }
         let claimed = db
             .write(move |conn| {
@@ -324,12 +364,10 @@ async fn take_due_steps(
                 store::claim_payments(conn, &due, now, now + lease).map_err(DbError::from)
             })
             .await?;
-        if claimed.is_empty() {
-            // Another replica took them: look again for what falls due next.
-            continue;
+        if !claimed.is_empty() {
+            return Ok(Claim::Taken(claimed));
         }
-        let answers = call_gateway(gateway, claimed).await;
-        db.write(move |conn| record(conn, answers)).await?;
+        // Another replica took them: look again for what falls due next.
     }
 }
 
@@ -384,9 +422,14 @@ fn record(
     answers: Vec<(store::OrderRow, Answer)>,
 ) -> Result<(), DbError> {
     let now = kernel::time::now();
-    let mut outcomes = Vec::new();
+    let ids: Vec<String> = answers.iter().map(|(order, _)| order.id.clone()).collect();
+    let mut locked: HashMap<String, store::OrderRow> = store::lock_all(conn, &ids)?
+        .into_iter()
+        .map(|order| (order.id.clone(), order))
+        .collect();
+    let mut settled = Vec::new();
     for (claimed, answer) in answers {
-        let Some(order) = store::lock(conn, &claimed.id)? else {
+        let Some(order) = locked.remove(&claimed.id) else {
             continue;
         };
         let state = order.state();
@@ -414,10 +457,21 @@ fn record(
         };
         store::save_state(conn, &order.id, next, None, now)?;
         tracing::info!(order.id = %order.id, status = next.status.as_str(), "payment step recorded");
-        if let Some(outcome) = outcome_of(conn, &order, next)? {
-            outcomes.push((order, outcome));
-        }
+        settled.push((order, next));
     }
+    let confirmed: Vec<String> = settled
+        .iter()
+        .filter(|(_, next)| next.status == crate::domain::Status::Confirmed)
+        .map(|(order, _)| order.id.clone())
+        .collect();
+    let mut lines = store::lines_of(conn, &confirmed)?;
+    let outcomes: Vec<_> = settled
+        .into_iter()
+        .filter_map(|(order, next)| {
+            let lines = lines.remove(&order.id).unwrap_or_default();
+            outcome_of(&order, next, lines).map(|outcome| (order, outcome))
+        })
+        .collect();
     // Publishing takes the outbox's ordering lock (on PostgreSQL) until commit: last.
     for (order, outcome) in &outcomes {
         publish_outcome(conn, order, outcome)?;
@@ -434,23 +488,20 @@ enum Outcome {
 }
 
 fn outcome_of(
-    conn: &mut AnyConnection,
     order: &store::OrderRow,
     next: OrderState,
-) -> Result<Option<Outcome>, DbError> {
+    lines: Vec<store::LineRow>,
+) -> Option<Outcome> {
     let order_id = Uuid::parse_str(&order.id).unwrap_or_default();
     let customer_id = order.customer_id.clone();
-    Ok(match next.status {
-        crate::domain::Status::Confirmed => {
-            let lines = store::lines(conn, &order.id)?;
-            Some(Outcome::Confirmed(OrderConfirmed {
-                order_id,
-                customer_id,
-                lines: crate::http::contract_lines(&lines),
-                total: Money::new(order.total_minor, order.currency.clone()),
-                shipping_address: crate::http::address_of(order),
-            }))
-        }
+    match next.status {
+        crate::domain::Status::Confirmed => Some(Outcome::Confirmed(OrderConfirmed {
+            order_id,
+            customer_id,
+            lines: crate::http::contract_lines(&lines),
+            total: Money::new(order.total_minor, order.currency.clone()),
+            shipping_address: crate::http::address_of(order),
+        })),
         crate::domain::Status::Rejected => Some(Outcome::Rejected(OrderRejected {
             order_id,
             customer_id,
@@ -465,7 +516,7 @@ fn outcome_of(
             reason: crate::domain::CANCELLED_BY_CUSTOMER.to_string(),
         })),
         _ => None,
-    })
+    }
 }
 
 fn publish_outcome(

@@ -1,6 +1,8 @@
 //! Checkout tables and queries; functions take a connection so the caller owns
 //! the transaction.
 
+use std::collections::HashMap;
+
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use kernel::AnyConnection;
@@ -103,15 +105,51 @@ pub fn find(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<OrderRow>>
         .optional()
 }
 
-/// Reads an order for change, holding its row lock until the transaction ends.
+/// Reads an order for change inside a write transaction, holding its row lock
+/// until the transaction ends. (SQLite's write transactions hold the whole
+/// database from their first statement: a plain read is enough there.)
 pub fn lock(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<OrderRow>> {
-    let touched = diesel::update(orders::table.find(id))
-        .set(orders::id.eq(orders::id))
-        .execute(conn)?;
-    if touched == 0 {
-        return Ok(None);
+    let query = orders::table.find(id);
+    match conn {
+        AnyConnection::Sqlite(c) => query.select(OrderRow::as_select()).get_result(c),
+        AnyConnection::Postgresql(c) => query
+            .select(OrderRow::as_select())
+            .for_update()
+            .get_result(c),
     }
-    find(conn, id)
+    .optional()
+}
+
+/// Orders of `ids` for change (see `lock`), in id order (concurrent lockers of
+/// several orders take their locks in one order).
+pub fn lock_all(conn: &mut AnyConnection, ids: &[String]) -> QueryResult<Vec<OrderRow>> {
+    let query = orders::table
+        .filter(orders::id.eq_any(ids))
+        .order(orders::id.asc());
+    match conn {
+        AnyConnection::Sqlite(c) => query.select(OrderRow::as_select()).load(c),
+        AnyConnection::Postgresql(c) => query.select(OrderRow::as_select()).for_update().load(c),
+    }
+}
+
+/// The lines of several orders, by order.
+pub fn lines_of(
+    conn: &mut AnyConnection,
+    order_ids: &[String],
+) -> QueryResult<HashMap<String, Vec<LineRow>>> {
+    let mut by_order = HashMap::<String, Vec<LineRow>>::new();
+    if order_ids.is_empty() {
+        return Ok(by_order);
+    }
+    let rows: Vec<LineRow> = order_lines::table
+        .filter(order_lines::order_id.eq_any(order_ids))
+        .order((order_lines::order_id.asc(), order_lines::product_id.asc()))
+        .select(LineRow::as_select())
+        .load(conn)?;
+    for row in rows {
+        by_order.entry(row.order_id.clone()).or_default().push(row);
+    }
+    Ok(by_order)
 }
 
 pub fn lines(conn: &mut AnyConnection, order_id: &str) -> QueryResult<Vec<LineRow>> {

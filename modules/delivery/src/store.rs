@@ -62,15 +62,19 @@ pub fn of_order(conn: &mut AnyConnection, order_id: &str) -> QueryResult<Option<
         .optional()
 }
 
-/// Reads a shipment for change, holding its row lock until the transaction ends.
+/// Reads a shipment for change inside a write transaction, holding its row lock
+/// until the transaction ends. (SQLite's write transactions hold the whole
+/// database from their first statement: a plain read is enough there.)
 pub fn lock(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<ShipmentRow>> {
-    let touched = diesel::update(shipments::table.find(id))
-        .set(shipments::id.eq(shipments::id))
-        .execute(conn)?;
-    if touched == 0 {
-        return Ok(None);
+    let query = shipments::table.find(id);
+    match conn {
+        AnyConnection::Sqlite(c) => query.select(ShipmentRow::as_select()).get_result(c),
+        AnyConnection::Postgresql(c) => query
+            .select(ShipmentRow::as_select())
+            .for_update()
+            .get_result(c),
     }
-    find(conn, id)
+    .optional()
 }
 
 pub fn set_status(
