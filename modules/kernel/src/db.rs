@@ -296,6 +296,7 @@ pub struct Db {
     backend: Backend,
     pool: DbPool,
     committed: watch::Sender<u64>,
+    published: watch::Sender<u64>,
     nudged: watch::Sender<u64>,
     /// SQLite has one writer per file: writers of this process queue here, in
     /// order, instead of in SQLite's busy handler, which sleeps up to 100 ms a try.
@@ -309,6 +310,7 @@ impl Db {
             backend,
             pool,
             committed: watch::Sender::new(0),
+            published: watch::Sender::new(0),
             nudged: watch::Sender::new(0),
             writer: Arc::new(tokio::sync::Mutex::new(())),
         }
@@ -331,9 +333,23 @@ impl Db {
         self.committed.subscribe()
     }
 
-    /// Tells consumers that new outbox rows may be visible.
+    /// A receiver that changes whenever a write transaction of this module that
+    /// published events commits: what readers of the outbox wait for.
+    pub fn publications(&self) -> watch::Receiver<u64> {
+        self.published.subscribe()
+    }
+
+    /// Tells waiters that a transaction committed, and new outbox rows may be visible.
     pub fn notify_committed(&self) {
+        self.announce(true);
+    }
+
+    /// Tells waiters that a transaction committed, which `published` or not.
+    pub fn announce(&self, published: bool) {
         self.committed.send_modify(|n| *n = n.wrapping_add(1));
+        if published {
+            self.published.send_modify(|n| *n = n.wrapping_add(1));
+        }
     }
 
     /// A receiver that changes when this module's own consumers have new work
@@ -355,7 +371,8 @@ impl Db {
     }
 
     /// Runs `f` in a write transaction on a pooled connection, off the async
-    /// runtime, and wakes this module's consumers once it has committed.
+    /// runtime, and wakes what waits for this module's commits once it has
+    /// committed (readers of the outbox only if `f` published).
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         T: Send + 'static,
@@ -364,16 +381,19 @@ impl Db {
     {
         let pool = self.pool.clone();
         let turn = self.write_turn().await;
-        let result = tokio::task::spawn_blocking(move || {
-            let mut conn = pool.get().map_err(DbError::from)?;
-            let result = write_tx(&mut conn, f);
+        let (result, published) = tokio::task::spawn_blocking(move || {
+            let before = crate::outbox::published_here();
+            let result = pool
+                .get()
+                .map_err(|e| DbError::from(e).into())
+                .and_then(|mut conn| write_tx(&mut conn, f));
             drop(turn);
-            result
+            (result, crate::outbox::published_here() != before)
         })
         .await
         .map_err(|e| DbError::Join(e.to_string()))?;
         if result.is_ok() {
-            self.notify_committed();
+            self.announce(published);
         }
         result
     }

@@ -13,6 +13,18 @@ use crate::envelope::Envelope;
 use crate::schema::{colony_outbox, colony_outbox_head};
 use crate::trace::TraceContext;
 
+thread_local! {
+    static PUBLISHED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// How many events this thread has published so far, committed or not. Database
+/// work runs synchronously on one thread, so comparing the count before and after
+/// a transaction tells whether it published (and whether outbox readers need
+/// waking once it commits).
+pub fn published_here() -> u64 {
+    PUBLISHED.with(std::cell::Cell::get)
+}
+
 /// Publishes events of one module on behalf of one request or one handled event.
 #[derive(Debug, Clone)]
 pub struct Publisher {
@@ -73,6 +85,7 @@ impl Publisher {
             traceparent: self.trace.map(|t| t.to_string()),
             payload,
         };
+        PUBLISHED.with(|n| n.set(n.get().wrapping_add(1)));
         match conn {
             AnyConnection::Postgresql(c) => {
                 envelope.sequence = AppendPg(&OutboxRow::from_envelope(&envelope)).get_result(c)?;

@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
@@ -130,7 +130,8 @@ impl ConsumerEngine {
         sub: &mut dyn Subscription,
         now: NaiveDateTime,
     ) -> Result<PassReport, BusError> {
-        match self.pass_as(conn, sub, now, Mode::Whole) {
+        let before = crate::outbox::published_here();
+        let report = match self.pass_as(conn, sub, now, Mode::Whole) {
             Err(PassError::Rerun(failed)) => {
                 sub.rewind();
                 self.pass_as(conn, sub, now, Mode::EventByEvent(failed))
@@ -140,7 +141,13 @@ impl ConsumerEngine {
         .map_err(|e| match e {
             PassError::Bus(e) => e,
             PassError::Rerun(_) => BusError::Transport("a pass asked to run again twice".into()),
-        })
+        })?;
+        if report.handled > 0 {
+            // Committed: wake this module's own waiters as any other writer would
+            // (its outbox readers only if the handlers published).
+            self.db.announce(crate::outbox::published_here() != before);
+        }
+        Ok(report)
     }
 
     fn pass_as(
@@ -251,11 +258,6 @@ impl ConsumerEngine {
             Ok::<_, PassError>(report)
         })?;
         self.record(&report);
-        if report.handled > 0 {
-            // Handlers may have published (their outbox rows just committed): wake
-            // this module's consumers as any other committing writer would.
-            self.db.notify_committed();
-        }
         Ok(report)
     }
 
@@ -563,16 +565,24 @@ impl ConsumerEngine {
         );
         async move {
             let mut failures: u32 = 0;
-            // A wake-up for new events may skip the pass when nothing is new and no
-            // retry is due; a timeout, a nudge or a failure always runs one.
+            // A wake-up or a poll may skip the pass when the subscription says nothing
+            // is new and no retry is due (an idle pass would still write: it renews
+            // this consumer's turn). A nudge or a failure always runs one, and so
+            // does a poll once `full_every` has passed without one, for what only a
+            // pass sees (retries another process queued for this consumer).
+            let full_every = engine.policy.poll_interval.saturating_mul(10);
+            let mut last_pass = Instant::now();
             let mut may_skip = false;
             let mut next_due: Option<NaiveDateTime> = None;
             while !*shutdown.borrow() {
                 let retry_due = next_due.is_some_and(|d| d <= crate::time::now());
-                let skip = may_skip && !retry_due;
+                let skip = may_skip && !retry_due && last_pass.elapsed() < full_every;
                 let Some((returned, result)) = engine.clone().pass_blocking(sub, skip).await else {
                     break;
                 };
+                if !matches!(result, Ok(None)) {
+                    last_pass = Instant::now();
+                }
                 sub = returned;
                 sub.settle(result.is_ok()).await;
                 let wait = match &result {
@@ -597,7 +607,7 @@ impl ConsumerEngine {
                     continue;
                 }
                 tokio::select! {
-                    woken = sub.wait(wait) => may_skip = woken && result.is_ok(),
+                    _ = sub.wait(wait) => may_skip = result.is_ok(),
                     _ = nudges.changed() => {}
                     _ = shutdown.changed() => {}
                 }

@@ -50,7 +50,7 @@ impl Transport for LocalTransport {
         Ok(Box::new(LocalSubscription {
             consumer: consumer.to_string(),
             source: db.clone(),
-            commits: db.commits(),
+            commits: db.publications(),
             known_position: None,
         }))
     }

@@ -115,7 +115,7 @@ impl NatsTransport {
         let source = db.module();
         let (acked, acked_seen) = watch::channel(None::<i64>);
         let keeper = tokio::spawn(keep_position(db.clone(), acked_seen));
-        let mut commits = db.commits();
+        let mut commits = db.publications();
         let mut cursor = None;
         while !*shutdown.borrow() {
             let wait = match self.relay_round(&db, &mut cursor, &acked).await {
@@ -266,6 +266,7 @@ impl Transport for NatsTransport {
             holder: self.holder.clone(),
             lease_ttl: lease_ttl(self.ack_wait),
             holding: false,
+            renewed_at: std::time::Instant::now(),
             buffer: VecDeque::new(),
             pulled: Vec::new(),
             released: Vec::new(),
@@ -290,6 +291,8 @@ struct NatsSubscription {
     lease_ttl: Duration,
     /// Whether the last pass found this process the consumer's holder.
     holding: bool,
+    /// When that pass renewed the lease.
+    renewed_at: std::time::Instant,
     /// Delivered, not yet handed to a pass.
     buffer: VecDeque<(Envelope, jetstream::Message)>,
     /// Handed to the pass in progress; acknowledged once it commits.
@@ -398,7 +401,9 @@ impl Subscription for NatsSubscription {
         let now = crate::time::now();
         let until = now + chrono::Duration::from_std(self.lease_ttl).unwrap_or_default();
         self.holding = lease::hold(conn, &self.durable, &self.source, &self.holder, now, until)?;
-        if !self.holding {
+        if self.holding {
+            self.renewed_at = std::time::Instant::now();
+        } else {
             self.released
                 .extend(self.buffer.drain(..).map(|(_, message)| message));
             return Ok(Vec::new());
@@ -415,6 +420,16 @@ impl Subscription for NatsSubscription {
 
     fn may_redeliver(&self) -> bool {
         true
+    }
+
+    /// Nothing delivered waits, and the lease held has most of its time left (a
+    /// standby always runs its pass: that is how it takes over).
+    fn nothing_new(&mut self) -> Result<bool, BusError> {
+        Ok(
+            self.holding
+                && self.buffer.is_empty()
+                && self.renewed_at.elapsed() < self.lease_ttl / 4,
+        )
     }
 
     fn rewind(&mut self) {
