@@ -207,9 +207,14 @@ async fn settle_oldest(
 }
 
 /// Writes the relay position as acknowledgements move it: the latest value each
-/// time, so several acknowledgements between two writes make one write.
+/// time, at most every 250 ms, so many acknowledgements make one write.
 async fn keep_position(db: Db, mut acked: watch::Receiver<Option<i64>>) {
     let source = db.module();
+    // At most one write per interval: the position only tells a restarted relay
+    // where to start, and what it publishes again is dropped by the server (its
+    // duplicate window is two minutes), so a write per acknowledgement would only
+    // add commits.
+    const EVERY: Duration = Duration::from_millis(250);
     loop {
         let ended = acked.changed().await.is_err();
         let latest = *acked.borrow_and_update();
@@ -228,6 +233,7 @@ async fn keep_position(db: Db, mut acked: watch::Receiver<Option<i64>>) {
         if ended {
             return;
         }
+        tokio::time::sleep(EVERY).await;
     }
 }
 
