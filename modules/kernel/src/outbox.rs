@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::db::AnyConnection;
 use crate::envelope::Envelope;
-use crate::schema::{colony_outbox, colony_outbox_head};
+use crate::schema::colony_outbox;
 use crate::trace::TraceContext;
 
 thread_local! {
@@ -58,8 +58,11 @@ impl Publisher {
     /// Appends `event` about `aggregate_id` to the outbox on `conn`, which must be
     /// inside the caller's write transaction.
     ///
-    /// Sequences become visible gapless and in commit order (see `next_sequence`), so
-    /// a consumer reading "after N" never skips a row.
+    /// Readers hand events on in sequence order. On SQLite sequences are gapless and
+    /// in commit order. On PostgreSQL they are in publication order: a transaction
+    /// must therefore publish about an aggregate only while it holds that aggregate's
+    /// row lock (or has just created it), so that of two transactions publishing
+    /// about the same aggregate the one that commits first also published first.
     pub fn publish<E: Event>(
         &self,
         conn: &mut AnyConnection,
@@ -101,8 +104,10 @@ impl Publisher {
     }
 }
 
-/// PostgreSQL: bumps the head and appends the row in one statement (one round
-/// trip, prepared once per connection); returns the row's sequence.
+/// PostgreSQL: takes the next number from the outbox's sequence and appends the row
+/// in one statement (one round trip, prepared once per connection); returns the
+/// number. No lock is held until commit, so publishers commit together; numbers
+/// follow publication order, and may become visible out of order (see `Gaps`).
 struct AppendPg<'a>(&'a OutboxRow);
 
 impl QueryId for AppendPg<'_> {
@@ -119,11 +124,14 @@ impl RunQueryDsl<PgConnection> for AppendPg<'_> {}
 impl QueryFragment<Pg> for AppendPg<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
         let row = self.0;
+        // The transaction's id is taken before the number (the materialised CTE is
+        // read before the outer select runs): a reader that sees a later number can
+        // then tell, from transaction ids, when this one's number is settled.
         out.push_sql(
-            "WITH head AS (UPDATE colony_outbox_head SET last_sequence = last_sequence + 1 \
-             WHERE id = 1 RETURNING last_sequence) \
+            "WITH tx AS MATERIALIZED (SELECT pg_current_xact_id()) \
              INSERT INTO colony_outbox (sequence, event_id, name, aggregate_id, occurred_at, \
-             correlation_id, causation_id, traceparent, payload) SELECT last_sequence, ",
+             correlation_id, causation_id, traceparent, payload) \
+             SELECT nextval('colony_outbox_sequence'), ",
         );
         out.push_bind_param::<Text, _>(&row.event_id)?;
         out.push_sql(", ");
@@ -140,7 +148,7 @@ impl QueryFragment<Pg> for AppendPg<'_> {
         out.push_bind_param::<Nullable<Text>, _>(&row.traceparent)?;
         out.push_sql(", ");
         out.push_bind_param::<Text, _>(&row.payload)?;
-        out.push_sql(" FROM head RETURNING sequence");
+        out.push_sql(" FROM tx RETURNING sequence");
         Ok(())
     }
 }
@@ -209,37 +217,140 @@ impl OutboxRow {
     }
 }
 
-/// Events published after `after`, oldest first, at most `limit`.
+/// Events published after `after`, oldest first, at most `limit`, as stored now
+/// (a reader that must not skip an event uses `Gaps::read`).
 ///
-/// Sequences are gapless, so a range replaces `LIMIT` (SQLite re-plans a statement
-/// whose `LIMIT` is a bound parameter every time it runs).
+/// SQLite: sequences are gapless, so a range replaces `LIMIT` (SQLite re-plans a
+/// statement whose `LIMIT` is a bound parameter every time it runs).
 pub fn read_after(
     conn: &mut AnyConnection,
     source: &str,
     after: i64,
     limit: i64,
 ) -> QueryResult<Vec<Result<Envelope, String>>> {
-    let rows: Vec<OutboxRow> = colony_outbox::table
-        .filter(colony_outbox::sequence.gt(after))
-        .filter(colony_outbox::sequence.le(after.saturating_add(limit)))
-        .order(colony_outbox::sequence.asc())
-        .select(OutboxRow::as_select())
-        .load(conn)?;
-    Ok(rows.into_iter().map(|r| r.into_envelope(source)).collect())
+    Ok(rows_after(conn, after, limit)?
+        .into_iter()
+        .map(|r| r.into_envelope(source))
+        .collect())
 }
 
-/// The newest sequence this module has published.
-pub fn last_sequence(conn: &mut AnyConnection) -> QueryResult<i64> {
+fn rows_after(conn: &mut AnyConnection, after: i64, limit: i64) -> QueryResult<Vec<OutboxRow>> {
+    let query = colony_outbox::table
+        .filter(colony_outbox::sequence.gt(after))
+        .order(colony_outbox::sequence.asc());
     match conn {
-        AnyConnection::Sqlite(c) => colony_outbox::table
-            .select(diesel::dsl::max(colony_outbox::sequence))
-            .get_result::<Option<i64>>(c)
-            .map(Option::unwrap_or_default),
-        AnyConnection::Postgresql(c) => colony_outbox_head::table
-            .find(1)
-            .select(colony_outbox_head::last_sequence)
-            .get_result(c),
+        AnyConnection::Sqlite(c) => query
+            .filter(colony_outbox::sequence.le(after.saturating_add(limit)))
+            .select(OutboxRow::as_select())
+            .load(c),
+        AnyConnection::Postgresql(c) => query.limit(limit).select(OutboxRow::as_select()).load(c),
     }
+}
+
+/// A reader's view of the gaps in a PostgreSQL outbox.
+///
+/// Numbers there are taken in publication order but become visible at commit, so a
+/// reader may see N+1 before N. It hands events on only up to the first gap. A gap
+/// is permanent once every transaction that could still fill it has ended (it
+/// rolled back): the gap's numbers were taken before the next visible one was
+/// committed, by transactions that already had an id (the publish statement takes
+/// the id first), so once the oldest running transaction is younger than every id
+/// given out when the gap was seen, a read taken after that knows the gap for good.
+/// SQLite's outbox has no gaps.
+#[derive(Debug, Default)]
+pub struct Gaps {
+    /// Missing numbers below this are permanent.
+    floor: i64,
+    /// A gap seen and not yet settled: the number after it, and the next
+    /// transaction id to be given out when it was seen.
+    pending: Option<(i64, i64)>,
+}
+
+impl Gaps {
+    /// Whether the last read stopped at a gap that may still fill: worth reading
+    /// again soon, since a rolled-back transaction wakes no one.
+    pub fn waiting(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// Events after `after`, oldest first, at most `limit`, up to the first gap that
+    /// may still fill.
+    pub fn read(
+        &mut self,
+        conn: &mut AnyConnection,
+        source: &str,
+        after: i64,
+        limit: i64,
+    ) -> QueryResult<Vec<Result<Envelope, String>>> {
+        // Settled before reading, so that the read sees whatever filled the gap.
+        if let Some((until, xmax)) = self.pending
+            && snapshot_bound(conn, "pg_snapshot_xmin")? >= xmax
+        {
+            self.floor = self.floor.max(until);
+            self.pending = None;
+        }
+        let mut expected = after.saturating_add(1);
+        let mut ready = Vec::new();
+        for row in rows_after(conn, after, limit)? {
+            if row.sequence > expected && expected < self.floor {
+                expected = self.floor.min(row.sequence);
+            }
+            if row.sequence > expected {
+                match conn {
+                    AnyConnection::Postgresql(_) => {
+                        if self.pending.is_none() {
+                            let xmax = snapshot_bound(conn, "pg_snapshot_xmax")?;
+                            self.pending = Some((row.sequence, xmax));
+                        }
+                        break;
+                    }
+                    // Never seen: writers there are serialised. Nothing could fill it.
+                    AnyConnection::Sqlite(_) => {
+                        tracing::warn!(
+                            source,
+                            from = expected,
+                            to = row.sequence,
+                            "gap in a SQLite outbox skipped"
+                        );
+                    }
+                }
+            }
+            if self.pending.is_some_and(|(until, _)| row.sequence >= until) {
+                // The gap waited for is behind: it filled.
+                self.pending = None;
+            }
+            expected = row.sequence.saturating_add(1);
+            ready.push(row.into_envelope(source));
+        }
+        Ok(ready)
+    }
+}
+
+/// `pg_snapshot_xmin` or `pg_snapshot_xmax` of the current snapshot, as a number.
+fn snapshot_bound(conn: &mut AnyConnection, function: &'static str) -> QueryResult<i64> {
+    #[derive(QueryableByName)]
+    struct Bound {
+        #[diesel(sql_type = BigInt)]
+        bound: i64,
+    }
+    let sql = match function {
+        "pg_snapshot_xmin" => {
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS bound"
+        }
+        _ => "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS bound",
+    };
+    match conn {
+        AnyConnection::Postgresql(c) => Ok(diesel::sql_query(sql).get_result::<Bound>(c)?.bound),
+        AnyConnection::Sqlite(_) => Ok(0),
+    }
+}
+
+/// The newest sequence this module has published and committed.
+pub fn last_sequence(conn: &mut AnyConnection) -> QueryResult<i64> {
+    colony_outbox::table
+        .select(diesel::dsl::max(colony_outbox::sequence))
+        .get_result::<Option<i64>>(conn)
+        .map(Option::unwrap_or_default)
 }
 
 /// The name under which a relay keeps its position among the consumer positions.

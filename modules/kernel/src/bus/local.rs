@@ -52,6 +52,7 @@ impl Transport for LocalTransport {
             source: db.clone(),
             commits: db.publications(),
             known_position: None,
+            gaps: outbox::Gaps::default(),
         }))
     }
 
@@ -60,12 +61,17 @@ impl Transport for LocalTransport {
     }
 }
 
+/// How soon a reader stopped at a gap looks again when nothing wakes it.
+pub(crate) const GAP_RECHECK: Duration = Duration::from_millis(10);
+
 struct LocalSubscription {
     consumer: String,
     source: Db,
     commits: watch::Receiver<u64>,
     /// The position as this process last read or wrote it; it never moves back.
     known_position: Option<i64>,
+    /// Where the source's outbox has numbers not yet visible (PostgreSQL).
+    gaps: outbox::Gaps,
 }
 
 impl LocalSubscription {
@@ -102,6 +108,13 @@ impl LocalSubscription {
 
 impl Subscription for LocalSubscription {
     fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool> {
+        // Stopped at a gap: it fills with a commit that wakes this wait, or, if its
+        // transaction rolled back, is settled by a read soon after.
+        let timeout = if self.gaps.waiting() {
+            timeout.min(GAP_RECHECK)
+        } else {
+            timeout
+        };
         Box::pin(async move {
             matches!(
                 tokio::time::timeout(timeout, self.commits.changed()).await,
@@ -123,7 +136,8 @@ impl Subscription for LocalSubscription {
         self.known_position = Some(after);
         let mut source_conn = self.source.pool().get().map_err(DbError::from)?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
-        outbox::read_after(&mut source_conn, self.source.module(), after, limit)?
+        self.gaps
+            .read(&mut source_conn, self.source.module(), after, limit)?
             .into_iter()
             .map(|e| e.map_err(BusError::Corrupt))
             .collect()

@@ -117,9 +117,12 @@ impl NatsTransport {
         let keeper = tokio::spawn(keep_position(db.clone(), acked_seen));
         let mut commits = db.publications();
         let mut cursor = None;
+        let mut gaps = outbox::Gaps::default();
         while !*shutdown.borrow() {
-            let wait = match self.relay_round(&db, &mut cursor, &acked).await {
+            let wait = match self.relay_round(&db, &mut cursor, &mut gaps, &acked).await {
                 Ok(n) if n >= usize::try_from(RELAY_BATCH).unwrap_or(usize::MAX) => continue,
+                // Stopped at a gap: see `LocalSubscription::wait`.
+                Ok(_) if gaps.waiting() => super::local::GAP_RECHECK.min(poll),
                 Ok(_) => poll,
                 Err(e) => {
                     tracing::warn!(module = source, error = %e, "outbox relay failed; retrying");
@@ -143,6 +146,7 @@ impl NatsTransport {
         &self,
         db: &Db,
         cursor: &mut Option<i64>,
+        gaps: &mut outbox::Gaps,
         acked: &watch::Sender<Option<i64>>,
     ) -> Result<usize, BusError> {
         let source = db.module();
@@ -156,11 +160,16 @@ impl NatsTransport {
                         .await?
                 }
             };
-            let rows = db
+            let mut seen = std::mem::take(gaps);
+            let (rows, seen) = db
                 .read(move |conn| {
-                    outbox::read_after(conn, source, after, RELAY_BATCH).map_err(DbError::from)
+                    let rows = seen
+                        .read(conn, source, after, RELAY_BATCH)
+                        .map_err(DbError::from)?;
+                    Ok::<_, DbError>((rows, seen))
                 })
                 .await?;
+            *gaps = seen;
             let read = rows.len();
             for row in rows {
                 let envelope = row.map_err(BusError::Corrupt)?;
