@@ -41,7 +41,7 @@ impl Rig {
         self.auth.issue(subject, role, Duration::from_secs(3600))
     }
 
-    fn db(&self, module: &str) -> Result<Db> {
+    pub fn db(&self, module: &str) -> Result<Db> {
         self.dbs
             .get(module)
             .cloned()
