@@ -355,9 +355,11 @@ impl NatsSubscription {
         }
     }
 
-    /// Takes what is there; when nothing is, waits up to `timeout` for one message.
-    /// (Asking first keeps a second request off the path of an event that arrives
-    /// while the consumer waits: it is handled alone, the rest follows next pass.)
+    /// Takes what is there; when nothing is, waits up to `timeout` for one message,
+    /// then takes what arrived with it. (Asking first keeps a second request off the
+    /// path of an event that is already there. The wait asks for one message only:
+    /// a pending request for more would outlive this call and take messages no one
+    /// reads until their ack wait runs out.)
     async fn receive(&mut self, timeout: Duration) -> Result<(), BusError> {
         let consumer = self.consumer().await?;
         let mut ready = consumer
@@ -381,6 +383,19 @@ impl NatsSubscription {
             .map_err(transport_error)?;
         while let Some(message) = first.next().await {
             self.keep(message.map_err(transport_error)?);
+        }
+        if !self.buffer.is_empty() {
+            // What was published with it (one transaction's events come together,
+            // often one this consumer passes by first) joins it in the same pass.
+            let mut rest = consumer
+                .fetch()
+                .max_messages(255)
+                .messages()
+                .await
+                .map_err(transport_error)?;
+            while let Some(message) = rest.next().await {
+                self.keep(message.map_err(transport_error)?);
+            }
         }
         Ok(())
     }
