@@ -494,6 +494,15 @@ async fn measure(shape: Shape, args: &Args, nats_url: &str) -> Result<Figures> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss_idle = rss_mib(&pids);
 
+        // A second of orders at the same pace first, not measured: pools open their
+        // connections as load arrives, and the first orders of a process pay for it
+        // (more of them in the split, whose six processes each open their own).
+        let warm = fill_carts(&rig, &product, "warm", args.pace.ceil() as usize, args.clients)
+            .await?;
+        let warmed = paced(&rig, &warm, args.pace).await?;
+        settle(&rig, &warmed).await?;
+        quiet().await;
+
         // Latency at a pace both shapes keep up with, before any burst.
         let fresh = latency_run(&rig, &product, args, "fresh").await?;
         quiet().await;
