@@ -284,7 +284,7 @@ impl Gaps {
     ) -> QueryResult<Vec<Result<Envelope, String>>> {
         // Settled before reading, so that the read sees whatever filled the gap.
         if let Some((until, xmax)) = self.pending
-            && snapshot_bound(conn, "pg_snapshot_xmin")? >= xmax
+            && transaction_ids(conn)?.0 >= xmax
         {
             self.floor = self.floor.max(until);
             self.pending = None;
@@ -299,7 +299,7 @@ impl Gaps {
                 match conn {
                     AnyConnection::Postgresql(_) => {
                         if self.pending.is_none() {
-                            let xmax = snapshot_bound(conn, "pg_snapshot_xmax")?;
+                            let xmax = transaction_ids(conn)?.1;
                             self.pending = Some((row.sequence, xmax));
                         }
                         break;
@@ -326,22 +326,26 @@ impl Gaps {
     }
 }
 
-/// `pg_snapshot_xmin` or `pg_snapshot_xmax` of the current snapshot, as a number.
-fn snapshot_bound(conn: &mut AnyConnection, function: &'static str) -> QueryResult<i64> {
+/// PostgreSQL's oldest transaction id still running and the next one to be given
+/// out (the current snapshot's `xmin` and `xmax`); zeros on SQLite.
+fn transaction_ids(conn: &mut AnyConnection) -> QueryResult<(i64, i64)> {
     #[derive(QueryableByName)]
-    struct Bound {
+    struct Ids {
         #[diesel(sql_type = BigInt)]
-        bound: i64,
+        oldest_running: i64,
+        #[diesel(sql_type = BigInt)]
+        next: i64,
     }
-    let sql = match function {
-        "pg_snapshot_xmin" => {
-            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS bound"
-        }
-        _ => "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS bound",
-    };
     match conn {
-        AnyConnection::Postgresql(c) => Ok(diesel::sql_query(sql).get_result::<Bound>(c)?.bound),
-        AnyConnection::Sqlite(_) => Ok(0),
+        AnyConnection::Postgresql(c) => {
+            let ids = diesel::sql_query(
+                "SELECT pg_snapshot_xmin(s)::text::bigint AS oldest_running, \
+                 pg_snapshot_xmax(s)::text::bigint AS next FROM pg_current_snapshot() AS s",
+            )
+            .get_result::<Ids>(c)?;
+            Ok((ids.oldest_running, ids.next))
+        }
+        AnyConnection::Sqlite(_) => Ok((0, 0)),
     }
 }
 
