@@ -15,13 +15,6 @@ diesel::table! {
 }
 
 diesel::table! {
-    colony_outbox_head (id) {
-        id -> Integer,
-        last_sequence -> BigInt,
-    }
-}
-
-diesel::table! {
     colony_consumer_positions (consumer, source) {
         consumer -> Text,
         source -> Text,

@@ -362,15 +362,7 @@ impl NatsSubscription {
     /// reads until their ack wait runs out.)
     async fn receive(&mut self, timeout: Duration) -> Result<(), BusError> {
         let consumer = self.consumer().await?;
-        let mut ready = consumer
-            .fetch()
-            .max_messages(256)
-            .messages()
-            .await
-            .map_err(transport_error)?;
-        while let Some(message) = ready.next().await {
-            self.keep(message.map_err(transport_error)?);
-        }
+        self.take_ready(&consumer, 256).await?;
         if !self.buffer.is_empty() {
             return Ok(());
         }
@@ -387,15 +379,21 @@ impl NatsSubscription {
         if !self.buffer.is_empty() {
             // What was published with it (one transaction's events come together,
             // often one this consumer passes by first) joins it in the same pass.
-            let mut rest = consumer
-                .fetch()
-                .max_messages(255)
-                .messages()
-                .await
-                .map_err(transport_error)?;
-            while let Some(message) = rest.next().await {
-                self.keep(message.map_err(transport_error)?);
-            }
+            self.take_ready(&consumer, 255).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes up to `max` messages the server has ready, without waiting for more.
+    async fn take_ready(&mut self, consumer: &PullConsumer, max: usize) -> Result<(), BusError> {
+        let mut ready = consumer
+            .fetch()
+            .max_messages(max)
+            .messages()
+            .await
+            .map_err(transport_error)?;
+        while let Some(message) = ready.next().await {
+            self.keep(message.map_err(transport_error)?);
         }
         Ok(())
     }
