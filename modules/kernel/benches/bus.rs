@@ -325,8 +325,8 @@ impl Subscription for Timed {
         self.inner.wait(timeout)
     }
 
-    fn nothing_new(&mut self) -> Result<bool, BusError> {
-        self.inner.nothing_new()
+    fn nothing_wanted(&mut self, wants: &dyn Fn(&str) -> bool) -> Result<bool, BusError> {
+        self.inner.nothing_wanted(wants)
     }
 
     fn may_redeliver(&self) -> bool {

@@ -529,6 +529,111 @@ async fn a_rolled_back_transaction_publishes_nothing(test_db: TestDatabase) {
     assert_eq!(effects(&s.consumer, "beta"), vec![("k1".into(), 2)]);
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NoiseHappened {
+    n: i64,
+}
+
+impl contracts::Event for NoiseHappened {
+    const NAME: &'static str = "alpha.noise_happened.v1";
+}
+
+/// The consumer's stored position and when a pass last touched it (none before
+/// its first pass).
+fn stored_position(db: &Db, consumer: &str) -> (i64, Option<NaiveDateTime>) {
+    use kernel::schema::colony_consumer_positions as p;
+    p::table
+        .filter(p::consumer.eq(consumer))
+        .filter(p::source.eq("alpha"))
+        .select((p::position, p::updated_at))
+        .get_result::<(i64, NaiveDateTime)>(&mut db.pool().get().unwrap())
+        .optional()
+        .unwrap()
+        .map_or((0, None), |(position, at)| (position, Some(at)))
+}
+
+/// Events a consumer does not act on wake it, but cost it no transaction: they are
+/// passed by outside a pass, the next pass starts after them, and the stored
+/// position catches up with them within about a second even when nothing else
+/// comes.
+async fn events_passed_by_commit_nothing(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    let handler = Arc::new(Recorder::new("beta"));
+    let consumer = Consumer {
+        name: "beta",
+        source: "alpha",
+        events: &["alpha.thing_happened.v1"],
+        handler: handler.clone(),
+    };
+    let engine = ConsumerEngine::new(
+        consumer,
+        s.consumer.clone(),
+        policy(),
+        Arc::new(Metrics::default()),
+    );
+    let (stop, stopped) = watch::channel(false);
+    let sub = s.transport.subscribe("beta", "alpha").unwrap();
+    let running = tokio::spawn(engine.run(sub, stopped));
+    let publish_noise = |n: i64| {
+        let mut conn = s.producer.pool().get().unwrap();
+        let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
+        let envelope = write_tx(&mut conn, |conn| {
+            publisher.publish(conn, "k1", &NoiseHappened { n })
+        })
+        .unwrap();
+        s.producer.notify_committed();
+        envelope
+    };
+
+    let first = publish(&s.producer, "k1", 1);
+    let handled = eventually(Duration::from_secs(10), || {
+        stored_position(&s.consumer, "beta").0 == first.sequence
+    })
+    .await;
+    assert!(handled, "the first event was never handled");
+    let (_, touched) = stored_position(&s.consumer, "beta");
+    let started = Instant::now();
+    for n in 0..20 {
+        publish_noise(n);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let quiet = started.elapsed() < Duration::from_millis(900);
+    let after_noise = stored_position(&s.consumer, "beta");
+
+    let wanted = publish(&s.producer, "k1", 2);
+    let handled = eventually(Duration::from_secs(10), || {
+        stored_position(&s.consumer, "beta").0 == wanted.sequence
+    })
+    .await;
+    assert!(handled, "the event after the noise was never handled");
+    for n in 20..24 {
+        publish_noise(n);
+    }
+    let last_noise = publish_noise(24);
+    let caught_up = eventually(Duration::from_secs(5), || {
+        stored_position(&s.consumer, "beta").0 == last_noise.sequence
+    })
+    .await;
+    stop.send(true).unwrap();
+    running.await.unwrap();
+
+    if quiet {
+        assert_eq!(
+            after_noise,
+            (first.sequence, touched),
+            "a consumer woken only by events it passes by ran a pass"
+        );
+    }
+    assert_eq!(
+        effects(&s.consumer, "beta"),
+        vec![("k1".into(), 1), ("k1".into(), 2)]
+    );
+    assert!(
+        caught_up,
+        "the stored position never caught up with events passed by"
+    );
+}
+
 /// PostgreSQL numbers events when they are published, and they become visible when
 /// their transactions commit: a reader must not hand on a later number while an
 /// earlier one may still commit.
@@ -931,4 +1036,5 @@ on_both_backends!(
     two_bus_instances_never_handle_the_same_event_at_once,
     replaying_a_dead_letter_delivers_it_once,
     concurrent_publishers_lose_nothing_and_keep_key_order_locally,
+    events_passed_by_commit_nothing,
 );

@@ -661,7 +661,7 @@ impl ConsumerEngine {
         let turn = self.db.write_turn().await;
         let handle = tokio::task::spawn_blocking(move || {
             let run = std::panic::AssertUnwindSafe(|| {
-                if may_skip && sub.nothing_new()? {
+                if may_skip && sub.nothing_wanted(&|name| self.consumer.wants(name))? {
                     return Ok(None);
                 }
                 let mut conn = self.db.pool().get().map_err(DbError::from)?;

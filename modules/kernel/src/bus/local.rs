@@ -3,7 +3,7 @@
 //! transaction as its handling. Consumers wake when the producer commits.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
 use tokio::sync::watch;
@@ -52,6 +52,8 @@ impl Transport for LocalTransport {
             source: db.clone(),
             commits: db.publications(),
             known_position: None,
+            passed_to: 0,
+            passed_since: None,
             gaps: outbox::Gaps::default(),
         }))
     }
@@ -64,18 +66,39 @@ impl Transport for LocalTransport {
 /// How soon a reader stopped at a gap looks again when nothing wakes it.
 pub(crate) const GAP_RECHECK: Duration = Duration::from_millis(10);
 
+/// Events read at a time when looking outside a pass for any this consumer wants.
+const PEEK: i64 = 256;
+
+/// How long the stored position may trail events passed by outside a pass.
+const CATCH_UP: Duration = Duration::from_secs(1);
+
 struct LocalSubscription {
     consumer: String,
     source: Db,
     commits: watch::Receiver<u64>,
     /// The position as this process last read or wrote it; it never moves back.
     known_position: Option<i64>,
+    /// Everything through this number is settled and of no interest to this
+    /// consumer (seen outside a pass): the next pass starts after it.
+    passed_to: i64,
+    /// Since when `passed_to` has been ahead of the stored position.
+    passed_since: Option<Instant>,
     /// Where the source's outbox has numbers not yet visible (PostgreSQL).
     gaps: outbox::Gaps,
 }
 
 impl LocalSubscription {
     /// Takes the row lock on this consumer's position (creating it at 0) and reads it.
+    fn write_position(&self, conn: &mut AnyConnection, position: i64) -> Result<(), BusError> {
+        diesel::update(positions::table.find((self.consumer.as_str(), self.source.module())))
+            .set((
+                positions::position.eq(position),
+                positions::updated_at.eq(crate::time::now()),
+            ))
+            .execute(conn)?;
+        Ok(())
+    }
+
     fn lock_position(&self, conn: &mut AnyConnection) -> Result<i64, BusError> {
         let key = positions::table.find((self.consumer.as_str(), self.source.module()));
         let now = crate::time::now();
@@ -123,16 +146,50 @@ impl Subscription for LocalSubscription {
         })
     }
 
-    fn nothing_new(&mut self) -> Result<bool, BusError> {
+    fn nothing_wanted(&mut self, wants: &dyn Fn(&str) -> bool) -> Result<bool, BusError> {
         let Some(known) = self.known_position else {
             return Ok(false);
         };
         let mut source_conn = self.source.pool().get().map_err(DbError::from)?;
-        Ok(outbox::last_sequence(&mut source_conn)? <= known)
+        let mut after = known.max(self.passed_to);
+        loop {
+            let events = self
+                .gaps
+                .read(&mut source_conn, self.source.module(), after, PEEK)?;
+            let full = events.len() >= PEEK as usize;
+            for event in events {
+                // An event that does not decode is the pass's to deal with.
+                match event {
+                    Ok(event) if !wants(&event.name) => after = event.sequence,
+                    _ => {
+                        self.passed_to = after;
+                        return Ok(false);
+                    }
+                }
+            }
+            self.passed_to = after;
+            if !full {
+                break;
+            }
+        }
+        // The stored position (what lag figures read) trails by at most about
+        // `CATCH_UP`: then a pass runs and writes it.
+        if self.passed_to > known {
+            let since = *self.passed_since.get_or_insert_with(Instant::now);
+            return Ok(since.elapsed() < CATCH_UP);
+        }
+        Ok(true)
     }
 
     fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError> {
-        let after = self.lock_position(conn)?;
+        let durable = self.lock_position(conn)?;
+        // Events passed by outside a pass are not read again; the position catches up
+        // with them here, in this pass's transaction.
+        let after = durable.max(self.passed_to);
+        if after > durable {
+            self.write_position(conn, after)?;
+        }
+        self.passed_since = None;
         self.known_position = Some(after);
         let mut source_conn = self.source.pool().get().map_err(DbError::from)?;
         let limit = i64::try_from(max).unwrap_or(i64::MAX);
@@ -145,13 +202,7 @@ impl Subscription for LocalSubscription {
 
     fn advance(&mut self, conn: &mut AnyConnection, last: &Envelope) -> Result<(), BusError> {
         self.known_position = Some(last.sequence);
-        diesel::update(positions::table.find((self.consumer.as_str(), self.source.module())))
-            .set((
-                positions::position.eq(last.sequence),
-                positions::updated_at.eq(crate::time::now()),
-            ))
-            .execute(conn)?;
-        Ok(())
+        self.write_position(conn, last.sequence)
     }
 
     fn may_redeliver(&self) -> bool {

@@ -134,10 +134,13 @@ pub enum BusError {
 pub trait Subscription: Send + 'static {
     /// Waits until new events may be available (`true`), or `timeout` passes (`false`).
     fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool>;
-    /// Cheaply and outside any transaction: `true` only when certainly nothing waits
-    /// after this consumer's position (a wake-up for a commit that published nothing
-    /// it has not seen). `false` when unsure.
-    fn nothing_new(&mut self) -> Result<bool, BusError> {
+    /// Cheaply and outside any transaction: `true` only when certainly nothing this
+    /// consumer `wants` waits after its position — nothing new, or only events it
+    /// passes by. Those count as passed: the next `pull` starts after them (or they
+    /// are acknowledged at the next `settle(true)`), so a consumer woken by events
+    /// it does not act on commits nothing. `false` when unsure.
+    fn nothing_wanted(&mut self, wants: &dyn Fn(&str) -> bool) -> Result<bool, BusError> {
+        let _ = wants;
         Ok(false)
     }
     /// Inside the consumer's transaction: claims this consumer's turn on the source

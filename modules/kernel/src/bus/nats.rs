@@ -450,14 +450,16 @@ impl Subscription for NatsSubscription {
         true
     }
 
-    /// Nothing delivered waits, and the lease held has most of its time left (a
-    /// standby always runs its pass: that is how it takes over).
-    fn nothing_new(&mut self) -> Result<bool, BusError> {
-        Ok(
-            self.holding
-                && self.buffer.is_empty()
-                && self.renewed_at.elapsed() < self.lease_ttl / 4,
-        )
+    /// Nothing delivered is wanted, and the lease held has most of its time left (a
+    /// standby always runs its pass: that is how it takes over). What is passed by
+    /// is acknowledged at the next `settle(true)`, as a pass's events would be.
+    fn nothing_wanted(&mut self, wants: &dyn Fn(&str) -> bool) -> Result<bool, BusError> {
+        let fresh = self.holding && self.renewed_at.elapsed() < self.lease_ttl / 4;
+        if !fresh || self.buffer.iter().any(|(event, _)| wants(&event.name)) {
+            return Ok(false);
+        }
+        self.pulled.extend(self.buffer.drain(..));
+        Ok(true)
     }
 
     fn rewind(&mut self) {
