@@ -254,16 +254,18 @@ fn rows_after(conn: &mut AnyConnection, after: i64, limit: i64) -> QueryResult<V
 /// is permanent once every transaction that could still fill it has ended (it
 /// rolled back): the gap's numbers were taken before the next visible one was
 /// committed, by transactions that already had an id (the publish statement takes
-/// the id first), so once the oldest running transaction is younger than every id
-/// given out when the gap was seen, a read taken after that knows the gap for good.
-/// SQLite's outbox has no gaps.
+/// the id first) and were still running or had ended when the gap was seen. So the
+/// ids of the transactions running then are noted, and once none of them runs, a
+/// read taken after that knows the gap for good. (The snapshot's `xmax` is no bound
+/// for those ids: it is one past the newest *finished* transaction, and running
+/// ones may have ids at or above it.) SQLite's outbox has no gaps.
 #[derive(Debug, Default)]
 pub struct Gaps {
     /// Missing numbers below this are permanent.
     floor: i64,
-    /// A gap seen and not yet settled: the number after it, and the next
-    /// transaction id to be given out when it was seen.
-    pending: Option<(i64, i64)>,
+    /// A gap seen and not yet settled: the number after it, and the ids of the
+    /// transactions running when it was seen.
+    pending: Option<(i64, Vec<String>)>,
 }
 
 impl Gaps {
@@ -283,10 +285,10 @@ impl Gaps {
         limit: i64,
     ) -> QueryResult<Vec<Result<Envelope, String>>> {
         // Settled before reading, so that the read sees whatever filled the gap.
-        if let Some((until, xmax)) = self.pending
-            && transaction_ids(conn)?.0 >= xmax
+        if let Some((until, running)) = &self.pending
+            && !any_still_running(conn, running)?
         {
-            self.floor = self.floor.max(until);
+            self.floor = self.floor.max(*until);
             self.pending = None;
         }
         let mut expected = after.saturating_add(1);
@@ -299,8 +301,7 @@ impl Gaps {
                 match conn {
                     AnyConnection::Postgresql(_) => {
                         if self.pending.is_none() {
-                            let xmax = transaction_ids(conn)?.1;
-                            self.pending = Some((row.sequence, xmax));
+                            self.pending = Some((row.sequence, running_transactions(conn)?));
                         }
                         break;
                     }
@@ -315,7 +316,11 @@ impl Gaps {
                     }
                 }
             }
-            if self.pending.is_some_and(|(until, _)| row.sequence >= until) {
+            if self
+                .pending
+                .as_ref()
+                .is_some_and(|(until, _)| row.sequence >= *until)
+            {
                 // The gap waited for is behind: it filled.
                 self.pending = None;
             }
@@ -326,26 +331,46 @@ impl Gaps {
     }
 }
 
-/// PostgreSQL's oldest transaction id still running and the next one to be given
-/// out (the current snapshot's `xmin` and `xmax`); zeros on SQLite.
-fn transaction_ids(conn: &mut AnyConnection) -> QueryResult<(i64, i64)> {
+/// The ids of the transactions running on the PostgreSQL server now (every
+/// database, every role: `backend_xid` is shown to any role), as text.
+fn running_transactions(conn: &mut AnyConnection) -> QueryResult<Vec<String>> {
     #[derive(QueryableByName)]
-    struct Ids {
-        #[diesel(sql_type = BigInt)]
-        oldest_running: i64,
-        #[diesel(sql_type = BigInt)]
-        next: i64,
+    struct Running {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        xid: String,
     }
     match conn {
-        AnyConnection::Postgresql(c) => {
-            let ids = diesel::sql_query(
-                "SELECT pg_snapshot_xmin(s)::text::bigint AS oldest_running, \
-                 pg_snapshot_xmax(s)::text::bigint AS next FROM pg_current_snapshot() AS s",
-            )
-            .get_result::<Ids>(c)?;
-            Ok((ids.oldest_running, ids.next))
-        }
-        AnyConnection::Sqlite(_) => Ok((0, 0)),
+        AnyConnection::Postgresql(c) => Ok(diesel::sql_query(
+            "SELECT backend_xid::text AS xid FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
+        )
+        .load::<Running>(c)?
+        .into_iter()
+        .map(|r| r.xid)
+        .collect()),
+        AnyConnection::Sqlite(_) => Ok(Vec::new()),
+    }
+}
+
+/// Whether any of the transactions `ids` still runs.
+fn any_still_running(conn: &mut AnyConnection, ids: &[String]) -> QueryResult<bool> {
+    if ids.is_empty() {
+        return Ok(false);
+    }
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        running: i64,
+    }
+    match conn {
+        AnyConnection::Postgresql(c) => Ok(diesel::sql_query(
+            "SELECT count(*) AS running FROM pg_stat_activity \
+             WHERE backend_xid IS NOT NULL AND backend_xid::text = ANY($1)",
+        )
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Text>, _>(ids)
+        .get_result::<Count>(c)?
+        .running
+            > 0),
+        AnyConnection::Sqlite(_) => Ok(false),
     }
 }
 
