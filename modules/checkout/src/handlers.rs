@@ -13,22 +13,28 @@ use uuid::Uuid;
 
 use crate::MODULE;
 use crate::domain::OrderState;
+use crate::payment::Handoff;
 use crate::store;
 
 /// Catalog's reservation outcomes.
-pub struct CatalogEvents;
+pub struct CatalogEvents {
+    pub payments: Handoff,
+}
 
 /// Delivery's shipment events.
-pub struct DeliveryEvents;
+pub struct DeliveryEvents {
+    pub payments: Handoff,
+}
 
 /// Applies `transition` to the order; a transition that does not apply (a
-/// redelivery, a step already taken) changes nothing.
+/// redelivery, a step already taken) changes nothing. With `payments`, the
+/// transition makes a payment step due, which this process claims and takes.
 fn advance(
     conn: &mut AnyConnection,
     event: &Envelope,
     order_id: Uuid,
     transition: impl FnOnce(OrderState) -> Option<OrderState>,
-    payment_due: bool,
+    payments: Option<&Handoff>,
 ) -> Result<Option<(store::OrderRow, OrderState)>, HandlerError> {
     let id = order_id.to_string();
     let Some(order) = store::lock(conn, &id)? else {
@@ -41,10 +47,9 @@ fn advance(
         return Ok(None);
     };
     let now = kernel::time::now();
-    let due = if payment_due {
-        Some(now)
-    } else {
-        order.payment_due_at
+    let due = match payments {
+        Some(payments) => Some(payments.claim(order.clone().with_state(next, None, now), now)),
+        None => order.payment_due_at,
     };
     store::save_state(conn, &id, next, due, now)?;
     Ok(Some((order, next)))
@@ -59,7 +64,7 @@ impl EventHandler for CatalogEvents {
                 event,
                 reserved?.order_id,
                 OrderState::stock_reserved,
-                true,
+                Some(&self.payments),
             )?;
             return Ok(());
         }
@@ -70,7 +75,7 @@ impl EventHandler for CatalogEvents {
                 event,
                 refused.order_id,
                 OrderState::stock_refused,
-                false,
+                None,
             )? {
                 let rejected = OrderRejected {
                     order_id: refused.order_id,
@@ -95,7 +100,7 @@ impl EventHandler for DeliveryEvents {
                 event,
                 created?.order_id,
                 OrderState::shipment_created,
-                false,
+                None,
             )?;
         } else if let Some(dispatched) = event.decode::<ShipmentDispatched>() {
             advance(
@@ -103,17 +108,13 @@ impl EventHandler for DeliveryEvents {
                 event,
                 dispatched?.order_id,
                 OrderState::dispatched,
-                false,
+                None,
             )?;
         } else if let Some(delivered) = event.decode::<ShipmentDelivered>() {
             let delivered = delivered?;
-            if let Some((order, _)) = advance(
-                conn,
-                event,
-                delivered.order_id,
-                OrderState::delivered,
-                false,
-            )? {
+            if let Some((order, _)) =
+                advance(conn, event, delivered.order_id, OrderState::delivered, None)?
+            {
                 let fulfilled = OrderFulfilled {
                     order_id: delivered.order_id,
                     customer_id: order.customer_id.clone(),
@@ -127,7 +128,7 @@ impl EventHandler for DeliveryEvents {
                 event,
                 cancelled?.order_id,
                 OrderState::shipment_cancelled,
-                true,
+                Some(&self.payments),
             )?;
         } else if let Some(refused) = event.decode::<CancellationRefused>() {
             advance(
@@ -135,7 +136,7 @@ impl EventHandler for DeliveryEvents {
                 event,
                 refused?.order_id,
                 OrderState::cancellation_refused,
-                false,
+                None,
             )?;
         }
         Ok(())

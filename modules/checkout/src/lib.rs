@@ -9,7 +9,7 @@ mod payment;
 mod schema;
 mod store;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use actix_web::web;
 use contracts::Event;
@@ -20,7 +20,7 @@ use kernel::bus::{BoxFuture, Consumer};
 use kernel::migrate::Migrations;
 use kernel::module::{Module, ModuleContext, ModuleSpec, Ports};
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use utoipa::OpenApi;
 
 pub use payment::{PaymentGateway, PaymentSettings};
@@ -56,10 +56,14 @@ fn build(ctx: ModuleContext) -> anyhow::Result<Box<dyn Module>> {
         test_gateway,
         &settings.payment,
     ));
+    let lease = payment::lease_for(&settings.payment);
+    let (payments, handed) = payment::Handoff::new(lease);
     Ok(Box::new(Checkout {
         db: ctx.db,
         gateway,
-        lease: payment::lease_for(&settings.payment),
+        lease,
+        payments,
+        handed: Mutex::new(Some(handed)),
     }))
 }
 
@@ -67,6 +71,9 @@ struct Checkout {
     db: Db,
     gateway: Arc<dyn PaymentGateway>,
     lease: chrono::Duration,
+    /// Payment steps this process's consumers claim, for its payment worker.
+    payments: payment::Handoff,
+    handed: Mutex<Option<mpsc::UnboundedReceiver<store::OrderRow>>>,
 }
 
 #[derive(OpenApi)]
@@ -100,13 +107,17 @@ impl Module for Checkout {
                     contracts::catalog::StockReserved::NAME,
                     contracts::catalog::StockReservationRejected::NAME,
                 ],
-                handler: Arc::new(handlers::CatalogEvents),
+                handler: Arc::new(handlers::CatalogEvents {
+                    payments: self.payments.clone(),
+                }),
             },
             Consumer {
                 name: MODULE,
                 source: "delivery",
                 events: contracts::delivery::EVENT_NAMES,
-                handler: Arc::new(handlers::DeliveryEvents),
+                handler: Arc::new(handlers::DeliveryEvents {
+                    payments: self.payments.clone(),
+                }),
             },
         ]
     }
@@ -116,10 +127,19 @@ impl Module for Checkout {
         _ports: &Ports,
         shutdown: watch::Receiver<bool>,
     ) -> Vec<BoxFuture<'static, ()>> {
+        // Started once per process; without its receiver (a second call) the
+        // steps handed over are found by the worker's looks once their claims run out.
+        let handed = self
+            .handed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or_else(|| mpsc::unbounded_channel().1);
         vec![Box::pin(payment::run_worker(
             self.db.clone(),
             self.gateway.clone(),
             self.lease,
+            handed,
             shutdown,
         ))]
     }

@@ -14,7 +14,7 @@ use kernel::db::DbError;
 use kernel::resilience::CircuitBreaker;
 use kernel::{AnyConnection, Db};
 use serde::Deserialize;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use crate::domain::{OrderState, Payment};
@@ -123,7 +123,7 @@ impl PaymentGateway for TestGateway {
         Box::pin(async move {
             self.simulate().await?;
             self.db
-                .write(move |conn| charge_once(conn, &request))
+                .write_one(move |conn| charge_once(conn, &request))
                 .await
                 .map_err(ledger_error)
         })
@@ -133,7 +133,7 @@ impl PaymentGateway for TestGateway {
         Box::pin(async move {
             self.simulate().await?;
             self.db
-                .write(move |conn| {
+                .write_one(move |conn| {
                     use crate::schema::test_gateway_charges as c;
                     use diesel::prelude::*;
                     diesel::update(c::table.find(order_id.to_string()))
@@ -147,7 +147,9 @@ impl PaymentGateway for TestGateway {
     }
 }
 
-/// The ledger entry of the order's charge, created on the first call only.
+/// The ledger entry of the order's charge, created on the first call only: the
+/// insert is the check (one statement, no transaction), and a call that finds the
+/// entry there already reads the outcome it recorded.
 fn charge_once(
     conn: &mut AnyConnection,
     request: &ChargeRequest,
@@ -155,31 +157,28 @@ fn charge_once(
     use crate::schema::test_gateway_charges as c;
     use diesel::prelude::*;
     let id = request.order_id.to_string();
-    let existing: Option<String> = c::table
-        .find(&id)
-        .select(c::outcome)
-        .get_result(conn)
-        .optional()?;
-    let outcome = match existing {
-        Some(outcome) => outcome,
-        None => {
-            let outcome = if request.token == "tok_ok" {
-                "succeeded"
-            } else {
-                "declined"
-            };
-            diesel::insert_into(c::table)
-                .values((
-                    c::order_id.eq(&id),
-                    c::amount_minor.eq(request.amount.amount_minor),
-                    c::currency.eq(&request.amount.currency),
-                    c::outcome.eq(outcome),
-                    c::refunded.eq(false),
-                    c::created_at.eq(kernel::time::now()),
-                ))
-                .execute(conn)?;
-            outcome.to_string()
-        }
+    let outcome = if request.token == "tok_ok" {
+        "succeeded"
+    } else {
+        "declined"
+    };
+    let entry = (
+        c::order_id.eq(&id),
+        c::amount_minor.eq(request.amount.amount_minor),
+        c::currency.eq(&request.amount.currency),
+        c::outcome.eq(outcome),
+        c::refunded.eq(false),
+        c::created_at.eq(kernel::time::now()),
+    );
+    let insert = diesel::insert_into(c::table).values(entry);
+    let inserted = match conn {
+        AnyConnection::Sqlite(conn) => insert.on_conflict_do_nothing().execute(conn)?,
+        AnyConnection::Postgresql(conn) => insert.on_conflict_do_nothing().execute(conn)?,
+    };
+    let outcome = if inserted > 0 {
+        outcome.to_string()
+    } else {
+        c::table.find(&id).select(c::outcome).get_result(conn)?
     };
     Ok(if outcome == "succeeded" {
         ChargeOutcome::Succeeded
@@ -252,80 +251,151 @@ pub fn lease_for(settings: &PaymentSettings) -> chrono::Duration {
     )
 }
 
-/// Takes due payment steps (charges after reservation, refunds after a cancelled
-/// shipment) until `shutdown`. Each step: claim (a short transaction), call the
-/// gateway (no transaction open), record the outcome and publish (a transaction).
+/// Payment steps made due by this process's own transactions (a reservation
+/// confirmed, a shipment cancelled): claimed by that transaction and handed to this
+/// process's worker once it has committed, so the step takes no look and no claim
+/// of its own.
+#[derive(Clone)]
+pub struct Handoff {
+    steps: mpsc::UnboundedSender<store::OrderRow>,
+    lease: chrono::Duration,
+}
+
+impl Handoff {
+    pub fn new(lease: chrono::Duration) -> (Self, mpsc::UnboundedReceiver<store::OrderRow>) {
+        let (steps, handed) = mpsc::unbounded_channel();
+        (Self { steps, lease }, handed)
+    }
+
+    /// Inside the transaction that makes `order`'s payment step due: the due time to
+    /// store. The step is claimed by this process until its lease runs out and
+    /// handed to the worker after the commit. Outside a transaction, or with the
+    /// worker gone, it is due now, for whichever worker looks first.
+    pub fn claim(&self, order: store::OrderRow, now: NaiveDateTime) -> NaiveDateTime {
+        if self.steps.is_closed() {
+            return now;
+        }
+        let until = now + self.lease;
+        let order = store::OrderRow {
+            payment_due_at: Some(until),
+            ..order
+        };
+        let steps = self.steps.clone();
+        // Should the worker stop before it takes the step, the claim runs out and
+        // a worker finds the step due then.
+        if kernel::db::after_commit(move || {
+            let _ = steps.send(order);
+        }) {
+            until
+        } else {
+            now
+        }
+    }
+}
+
+/// Takes payment steps (charges after reservation, refunds after a cancelled
+/// shipment) until `shutdown`: those `handed` over by this process's transactions,
+/// and those a look finds due (retries, and steps whose claim ran out because the
+/// process that took them died). A look is a read; only due steps are claimed, in a
+/// short transaction. Each batch of steps: the gateway calls (no transaction open),
+/// then one transaction records the outcomes and publishes.
 ///
-/// Claimed batches run side by side (up to `BATCHES_IN_FLIGHT`): a step that falls
-/// due while an earlier batch waits for the gateway or its commit is claimed at
-/// once instead of after it. On shutdown the batches in flight are finished.
+/// Batches run side by side (up to `BATCHES_IN_FLIGHT`), so a step that falls due
+/// while an earlier batch waits for the gateway or its commit is taken at once
+/// instead of after it. On shutdown the batches in flight are finished.
 pub async fn run_worker(
     db: Db,
     gateway: Arc<dyn PaymentGateway>,
     lease: chrono::Duration,
+    mut handed: mpsc::UnboundedReceiver<store::OrderRow>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut commits = db.commits();
     let mut batches = tokio::task::JoinSet::new();
+    let mut waiting: Vec<store::OrderRow> = Vec::new();
+    let mut next_look = tokio::time::Instant::now();
     while !*shutdown.borrow() {
         while let Some(done) = batches.try_join_next() {
-            report_batch(done);
+            report_batch(done, &mut next_look);
         }
-        // Marked seen before looking, so a commit from here on (one that makes a step
-        // due, or this worker's own) wakes one more look, and a look that finds
-        // nothing due writes nothing: an idle worker sleeps instead of waking itself.
-        commits.borrow_and_update();
-        let wait = if batches.len() >= BATCHES_IN_FLIGHT {
-            POLL
-        } else {
-            match claim_due_steps(&db, lease).await {
-                Ok(Claim::Taken(claimed)) => {
-                    let (db, gateway) = (db.clone(), gateway.clone());
-                    batches.spawn(async move {
-                        let answers = call_gateway(&gateway, claimed).await;
-                        db.write(move |conn| record(conn, answers)).await
-                    });
-                    continue;
-                }
-                Ok(Claim::NextDue(next)) => next.map_or(POLL, |next| {
-                    (next - kernel::time::now())
-                        .to_std()
-                        .unwrap_or(Duration::ZERO)
-                        .min(POLL)
-                }),
-                Err(e) => {
-                    tracing::warn!(error = %e, "payment worker could not read due steps");
-                    POLL
+        if batches.len() < BATCHES_IN_FLIGHT {
+            while waiting.len() < BATCH {
+                match handed.try_recv() {
+                    Ok(order) => waiting.push(order),
+                    Err(_) => break,
                 }
             }
-        };
-        if wait.is_zero() {
-            continue;
+            let mut steps = std::mem::take(&mut waiting);
+            // Looked for even while steps are handed over, so retries are not held
+            // back by a steady flow of new ones.
+            if tokio::time::Instant::now() >= next_look {
+                match claim_due_steps(&db, lease).await {
+                    // More may be due: the next round looks again.
+                    Ok(Claim::Taken(claimed)) => steps.extend(claimed),
+                    Ok(Claim::NextDue(next)) => {
+                        let until = next.map_or(POLL, |next| {
+                            (next - kernel::time::now())
+                                .to_std()
+                                .unwrap_or(Duration::ZERO)
+                                .min(POLL)
+                        });
+                        next_look = tokio::time::Instant::now() + until;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "payment worker could not read due steps");
+                        next_look = tokio::time::Instant::now() + POLL;
+                    }
+                }
+            }
+            if !steps.is_empty() {
+                let (db, gateway) = (db.clone(), gateway.clone());
+                batches.spawn(async move {
+                    let answers = call_gateway(&gateway, steps).await;
+                    db.write(move |conn| record(conn, answers)).await
+                });
+                continue;
+            }
         }
+        let room = batches.len() < BATCHES_IN_FLIGHT;
         tokio::select! {
-            _ = commits.changed() => {}
-            () = tokio::time::sleep(wait) => {}
+            Some(order) = handed.recv(), if room => waiting.push(order),
+            () = tokio::time::sleep_until(next_look), if room => {}
             _ = shutdown.changed() => {}
-            Some(done) = batches.join_next(), if !batches.is_empty() => report_batch(done),
+            Some(done) = batches.join_next(), if !batches.is_empty() => {
+                report_batch(done, &mut next_look);
+            }
         }
     }
     while let Some(done) = batches.join_next().await {
-        report_batch(done);
+        report_batch(done, &mut next_look);
     }
 }
 
-fn report_batch(done: Result<Result<(), DbError>, tokio::task::JoinError>) {
-    match done {
-        Ok(Ok(())) => {}
+/// A batch ended: a step it set to be retried brings the next look forward.
+fn report_batch(
+    done: Result<Result<Option<NaiveDateTime>, DbError>, tokio::task::JoinError>,
+    next_look: &mut tokio::time::Instant,
+) {
+    let retry_at = match done {
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(due))) => (due - kernel::time::now())
+            .to_std()
+            .unwrap_or(Duration::ZERO),
         // Its claims run out and the steps are taken again.
-        Ok(Err(e)) => tracing::warn!(error = %e, "recording payment steps failed"),
-        Err(e) => tracing::error!(error = %e, "a payment batch panicked"),
-    }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "recording payment steps failed");
+            POLL
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "a payment batch panicked");
+            POLL
+        }
+    };
+    *next_look = (*next_look).min(tokio::time::Instant::now() + retry_at);
 }
 
 /// Payment steps claimed at once, batches of them in flight at once, and gateway
 /// calls in flight at once per batch.
-const BATCH: i64 = 128;
+const BATCH: usize = 128;
 const BATCHES_IN_FLIGHT: usize = 4;
 const IN_FLIGHT: usize = 32;
 
@@ -360,7 +430,7 @@ async fn claim_due_steps(db: &Db, lease: chrono::Duration) -> Result<Claim, DbEr
         let claimed = db
             .write(move |conn| {
                 let now = kernel::time::now();
-                let due = store::payments_due(conn, now, BATCH)?;
+                let due = store::payments_due(conn, now, i64::try_from(BATCH).unwrap_or(i64::MAX))?;
                 store::claim_payments(conn, &due, now, now + lease).map_err(DbError::from)
             })
             .await?;
@@ -416,11 +486,13 @@ async fn call_gateway(
     answers
 }
 
-/// Applies the gateway's answers to their orders and publishes what follows.
+/// Applies the gateway's answers to their orders and publishes what follows;
+/// returns when the earliest step it set to be retried falls due.
 fn record(
     conn: &mut AnyConnection,
     answers: Vec<(store::OrderRow, Answer)>,
-) -> Result<(), DbError> {
+) -> Result<Option<NaiveDateTime>, DbError> {
+    let mut retry_at: Option<NaiveDateTime> = None;
     let now = kernel::time::now();
     let ids: Vec<String> = answers.iter().map(|(order, _)| order.id.clone()).collect();
     let mut locked: HashMap<String, store::OrderRow> = store::lock_all(conn, &ids)?
@@ -447,6 +519,7 @@ fn record(
                     now + chrono::Duration::milliseconds(i64::try_from(delay_ms).unwrap_or(30_000));
                 tracing::warn!(order.id = %order.id, error = %error, attempts = attempts + 1, "payment step will be retried");
                 store::payment_failed(conn, &order.id, &error.to_string(), due)?;
+                retry_at = Some(retry_at.map_or(due, |at| at.min(due)));
                 continue;
             }
         };
@@ -476,7 +549,7 @@ fn record(
     for (order, outcome) in &outcomes {
         publish_outcome(conn, order, outcome)?;
     }
-    Ok(())
+    Ok(retry_at)
 }
 
 /// The event an order's new state calls for (reading what it needs now, so that

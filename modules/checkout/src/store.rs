@@ -51,6 +51,23 @@ impl OrderRow {
     }
 
     /// The saga state of this row (unknown values read as the safest state).
+    /// The row as `save_state` leaves it.
+    pub fn with_state(
+        mut self,
+        state: OrderState,
+        payment_due_at: Option<NaiveDateTime>,
+        now: NaiveDateTime,
+    ) -> Self {
+        self.status = state.status.as_str().to_string();
+        self.reason = state.reason.map(str::to_string);
+        self.payment_state = state.payment.as_str().to_string();
+        self.payment_due_at = payment_due_at;
+        self.shipment_state = state.shipment.as_str().to_string();
+        self.cancel_requested = state.cancel_requested;
+        self.updated_at = now;
+        self
+    }
+
     pub fn state(&self) -> OrderState {
         OrderState {
             status: Status::parse(&self.status).unwrap_or(Status::Pending),

@@ -398,6 +398,35 @@ impl Db {
         result
     }
 
+    /// Runs `f` on a pooled connection outside any explicit transaction, off the
+    /// async runtime: for a write that is one statement (which commits by itself),
+    /// saving the round trips of `BEGIN` and `COMMIT`. Takes this process's write
+    /// turn on SQLite, and wakes what waits for this module's commits afterwards.
+    /// Never for publishing: an event is published in the transaction of its change.
+    pub async fn write_one<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+        F: FnOnce(&mut AnyConnection) -> Result<T, E> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let turn = self.write_turn().await;
+        let result = tokio::task::spawn_blocking(move || {
+            let result = pool
+                .get()
+                .map_err(|e| DbError::from(e).into())
+                .and_then(|mut conn| f(&mut conn));
+            drop(turn);
+            result
+        })
+        .await
+        .map_err(|e| DbError::Join(e.to_string()))?;
+        if result.is_ok() {
+            self.announce(false);
+        }
+        result
+    }
+
     /// Runs a read-only `f` on a pooled connection, off the async runtime.
     pub async fn read<T, E, F>(&self, f: F) -> Result<T, E>
     where
@@ -415,11 +444,50 @@ impl Db {
     }
 }
 
+type Hook = Box<dyn FnOnce()>;
+
+thread_local! {
+    /// What runs once the `write_tx` in progress on this thread commits.
+    static AFTER_COMMIT: std::cell::RefCell<Option<Vec<Hook>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `hook` once the `write_tx` in progress on this thread has committed, and
+/// never if it rolls back: for what must not happen unless the transaction's
+/// changes are there (handing work to a task of this process, say). Hooks run on
+/// this thread, in the order they were registered, right after the commit.
+/// Outside a `write_tx` nothing is registered and `false` is returned.
+pub fn after_commit(hook: impl FnOnce() + 'static) -> bool {
+    AFTER_COMMIT.with(|hooks| match hooks.borrow_mut().as_mut() {
+        Some(hooks) => {
+            hooks.push(Box::new(hook));
+            true
+        }
+        None => false,
+    })
+}
+
+/// A mark in this thread's commit hooks, for a savepoint: hooks registered after
+/// it are dropped by `forget_after_commit(mark)` when the savepoint rolls back.
+pub fn after_commit_mark() -> usize {
+    AFTER_COMMIT.with(|hooks| hooks.borrow().as_ref().map_or(0, Vec::len))
+}
+
+/// Drops the commit hooks registered since `mark` (their savepoint rolled back).
+pub fn forget_after_commit(mark: usize) {
+    AFTER_COMMIT.with(|hooks| {
+        if let Some(hooks) = hooks.borrow_mut().as_mut() {
+            hooks.truncate(mark);
+        }
+    });
+}
+
 /// Runs `f` in a transaction that holds the write lock from its first statement.
 ///
 /// On SQLite a deferred transaction that reads first and writes later fails with
 /// `SQLITE_BUSY` when another writer committed in between, so writes begin with
 /// `BEGIN IMMEDIATE`. Nested `conn.transaction` calls inside `f` become savepoints.
+/// Hooks registered with `after_commit` during `f` run after the commit.
 pub fn write_tx<T, E, F>(conn: &mut AnyConnection, f: F) -> Result<T, E>
 where
     E: From<diesel::result::Error>,
@@ -431,8 +499,9 @@ where
         }
         AnyConnection::Postgresql(c) => AnsiTransactionManager::begin_transaction(c)?,
     }
+    let scope = HookScope::open();
     type Manager = <AnyConnection as Connection>::TransactionManager;
-    match f(conn) {
+    let result = match f(conn) {
         Ok(value) => match Manager::commit_transaction(conn) {
             Ok(()) => Ok(value),
             Err(commit_error) => {
@@ -442,9 +511,45 @@ where
                 Err(commit_error.into())
             }
         },
-        Err(e) => {
-            Manager::rollback_transaction(conn)?;
-            Err(e)
+        Err(e) => Manager::rollback_transaction(conn)
+            .map_err(E::from)
+            .and(Err(e)),
+    };
+    let hooks = scope.close();
+    if result.is_ok() {
+        for hook in hooks {
+            hook();
+        }
+    }
+    result
+}
+
+/// The commit hooks of one `write_tx`. The enclosing transaction's (another
+/// connection's, on this thread) are set aside meanwhile and put back when it
+/// closes, or when it is dropped on a panic.
+struct HookScope {
+    outer: Option<Option<Vec<Hook>>>,
+}
+
+impl HookScope {
+    fn open() -> Self {
+        let outer = AFTER_COMMIT.with(|hooks| hooks.replace(Some(Vec::new())));
+        Self { outer: Some(outer) }
+    }
+
+    /// This transaction's hooks, in order.
+    fn close(mut self) -> Vec<Hook> {
+        let outer = self.outer.take().flatten();
+        AFTER_COMMIT
+            .with(|hooks| hooks.replace(outer))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for HookScope {
+    fn drop(&mut self) {
+        if let Some(outer) = self.outer.take() {
+            AFTER_COMMIT.with(|hooks| hooks.replace(outer));
         }
     }
 }

@@ -329,6 +329,7 @@ impl ConsumerEngine {
     fn attempt(&self, conn: &mut AnyConnection, event: &Envelope) -> Outcome {
         let span = self.span(event);
         let _entered = span.enter();
+        let hooks = crate::db::after_commit_mark();
         let result = conn.transaction::<_, Undo, _>(|conn| {
             let recorded = diesel::insert_into(colony_inbox::table)
                 .values((
@@ -350,6 +351,10 @@ impl ConsumerEngine {
                 .map_err(Undo::Failed)?;
             Ok(())
         });
+        if result.is_err() {
+            // Its savepoint rolled back: what it meant to run after commit goes too.
+            crate::db::forget_after_commit(hooks);
+        }
         match result {
             Ok(()) => Outcome::Handled,
             Err(Undo::Duplicate) => Outcome::Duplicate,
