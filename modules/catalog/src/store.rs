@@ -179,15 +179,12 @@ pub fn reservations(
 /// Whether the catalog already decided on this order (reserved or refused).
 pub fn decided(conn: &mut AnyConnection, order_id: &str) -> QueryResult<bool> {
     use crate::schema::{reservation_refusals as f, reservations as r};
-    let reserved: i64 = r::table
-        .filter(r::order_id.eq(order_id))
-        .count()
-        .get_result(conn)?;
-    let refused: i64 = f::table
-        .filter(f::order_id.eq(order_id))
-        .count()
-        .get_result(conn)?;
-    Ok(reserved + refused > 0)
+    use diesel::dsl::exists;
+    diesel::select(
+        exists(r::table.filter(r::order_id.eq(order_id)))
+            .or(exists(f::table.filter(f::order_id.eq(order_id)))),
+    )
+    .get_result(conn)
 }
 
 pub fn set_reservation_status(

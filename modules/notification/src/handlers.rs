@@ -90,29 +90,29 @@ impl EventHandler for Notify {
         let Some(message) = message_for(event)? else {
             return Ok(());
         };
-        let already: i64 = notifications::table
-            .filter(notifications::order_id.eq(&message.order_id))
-            .filter(notifications::kind.eq(&message.kind))
-            .count()
-            .get_result(conn)?;
-        if already > 0 {
+        // The record first: it is the check for one of this kind already (the id is
+        // one per order and kind), and it holds that id until the commit. Should
+        // the channel fail, the transaction and the record go back.
+        let record = diesel::insert_into(notifications::table).values((
+            notifications::id.eq(&message.id),
+            notifications::customer_id.eq(&message.customer_id),
+            notifications::order_id.eq(&message.order_id),
+            notifications::kind.eq(&message.kind),
+            notifications::channel.eq(self.sender.channel()),
+            notifications::status.eq("sent"),
+            notifications::created_at.eq(kernel::time::now()),
+        ));
+        let recorded = match conn {
+            AnyConnection::Sqlite(c) => record.on_conflict_do_nothing().execute(c)?,
+            AnyConnection::Postgresql(c) => record.on_conflict_do_nothing().execute(c)?,
+        };
+        if recorded == 0 {
             return Ok(());
         }
         self.sender.send(&message).map_err(|e| match e {
             SendError::Transient(m) => HandlerError::Retry(m),
             SendError::Refused(m) => HandlerError::Permanent(m),
         })?;
-        diesel::insert_into(notifications::table)
-            .values((
-                notifications::id.eq(&message.id),
-                notifications::customer_id.eq(&message.customer_id),
-                notifications::order_id.eq(&message.order_id),
-                notifications::kind.eq(&message.kind),
-                notifications::channel.eq(self.sender.channel()),
-                notifications::status.eq("sent"),
-                notifications::created_at.eq(kernel::time::now()),
-            ))
-            .execute(conn)?;
         Ok(())
     }
 }
