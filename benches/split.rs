@@ -501,11 +501,11 @@ async fn measure(shape: Shape, args: &Args, nats_url: &str) -> Result<Figures> {
             .await?;
         let warmed = paced(&rig, &warm, args.pace).await?;
         settle(&rig, &warmed).await?;
-        quiet().await;
+        support::quiet().await;
 
         // Latency at a pace both shapes keep up with, before any burst.
         let fresh = latency_run(&rig, &product, args, "fresh").await?;
-        quiet().await;
+        support::quiet().await;
 
         // Throughput, with resident memory sampled meanwhile.
         let count = (args.seconds * 1_500.0) as usize;
@@ -546,7 +546,7 @@ async fn measure(shape: Shape, args: &Args, nats_url: &str) -> Result<Figures> {
         // Latency again, once the work the burst left behind (shipments,
         // notifications) is done.
         shipped(&rig, &placed).await?;
-        quiet().await;
+        support::quiet().await;
         let after = latency_run(&rig, &product, args, "after").await?;
         let figures = Figures {
             shape,
@@ -571,40 +571,6 @@ async fn measure(shape: Shape, args: &Args, nats_url: &str) -> Result<Figures> {
     }
     running.stop()?;
     result
-}
-
-/// CPU time the whole machine has been busy so far, in clock ticks (every state of
-/// `/proc/stat`'s first line but idle and iowait).
-fn machine_busy_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(cpu) = stat.lines().next() else {
-        return 0;
-    };
-    cpu.split_whitespace()
-        .skip(1)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .filter_map(|(_, v)| v.parse::<u64>().ok())
-        .sum()
-}
-
-/// Waits (up to a minute) until the machine as a whole uses less than a tenth of a
-/// core over half a second: the work a burst left behind is done, in colony's
-/// processes and in PostgreSQL and NATS (whose background work after a burst —
-/// vacuum, checkpoints, stream housekeeping — would otherwise land on the next run).
-async fn quiet() {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut before = machine_busy_ticks();
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let now = machine_busy_ticks();
-        // Clock ticks are 1/100 s: 5 ticks in 0.5 s is a tenth of a core.
-        if now.saturating_sub(before) < 5 {
-            return;
-        }
-        before = now;
-    }
-    println!("(the machine did not go quiet within a minute)");
 }
 
 /// Waits until delivery opened a shipment for each of `placed`; when each was opened.

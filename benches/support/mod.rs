@@ -335,3 +335,45 @@ pub async fn saga_latencies(rig: &Rig, placed: &[(String, String)]) -> Result<Ve
     }
     Ok(all)
 }
+
+/// CPU time the whole machine has been busy so far, in clock ticks (every state of
+/// `/proc/stat`'s first line but idle and iowait).
+pub fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().next() else {
+        return 0;
+    };
+    cpu.split_whitespace()
+        .skip(1)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum()
+}
+
+/// Waits (up to a minute) until the machine as a whole uses less than a tenth of a
+/// core over half a second: the work a burst left behind is done, in colony's
+/// processes and in PostgreSQL and NATS (whose background work after a burst —
+/// vacuum, checkpoints, stream housekeeping — would otherwise land on the next run).
+pub async fn quiet() {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut before = machine_busy_ticks();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = machine_busy_ticks();
+        // Clock ticks are 1/100 s: 5 ticks in 0.5 s is a tenth of a core.
+        if now.saturating_sub(before) < 5 {
+            return;
+        }
+        before = now;
+    }
+    println!("(the machine did not go quiet within a minute)");
+}
+
+/// Cores the machine as a whole kept busy, on average, while `work` ran.
+pub async fn busy_cores_during<T>(work: impl std::future::Future<Output = T>) -> (T, f64) {
+    let (ticks, started) = (machine_busy_ticks(), Instant::now());
+    let out = work.await;
+    let busy = machine_busy_ticks().saturating_sub(ticks) as f64 / 100.0;
+    (out, busy / started.elapsed().as_secs_f64())
+}
