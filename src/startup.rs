@@ -156,6 +156,7 @@ fn start_consumers(
         for task in m.module.tasks(&runtime.ports, shutdown.clone()) {
             handles.push(tokio::spawn(task));
         }
+        handles.push(tokio::spawn(m.db.clone().checkpoints(shutdown.clone())));
     }
     Ok(handles)
 }

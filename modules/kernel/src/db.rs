@@ -223,9 +223,12 @@ pub fn prepare(location: &Location, options: &PoolOptions) -> Result<ModuleConne
                 }
             };
             // busy_timeout first: switching to WAL needs the lock other connections may hold.
+            // Checkpoints run beside the writers (`Db::checkpoints`); the automatic one,
+            // run by a committing writer, is the backstop only.
             let setup = format!(
                 "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
-                 PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON;"
+                 PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; \
+                 PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES};"
             );
             Ok(ModuleConnector {
                 target: Target::Sqlite {
@@ -284,6 +287,13 @@ pub fn pool(connector: ModuleConnector, options: &PoolOptions) -> Result<DbPool,
         .build(connector)
         .map_err(DbError::from)
 }
+
+/// How often a SQLite module's write-ahead log is copied into its file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
+
+/// Log pages after which a committing writer checkpoints itself: a backstop for when
+/// `Db::checkpoints` is not running (about 40 MB).
+const AUTOCHECKPOINT_PAGES: u32 = 10_000;
 
 pub type DbPool = Pool<ModuleConnector>;
 pub type PooledConn = PooledConnection<ModuleConnector>;
@@ -425,6 +435,33 @@ impl Db {
             self.announce(false);
         }
         result
+    }
+
+    /// On SQLite, until `shutdown`: copies the write-ahead log into the database
+    /// file every `CHECKPOINT_EVERY`, beside the writers (a passive checkpoint waits
+    /// for no one and no one waits for it). Otherwise the writer whose commit fills
+    /// the log does it, and every writer queued behind it waits for the file's sync.
+    /// Returns at once on PostgreSQL.
+    pub async fn checkpoints(self, mut shutdown: watch::Receiver<bool>) {
+        if self.backend != Backend::Sqlite {
+            return;
+        }
+        while !*shutdown.borrow() {
+            tokio::select! {
+                () = tokio::time::sleep(CHECKPOINT_EVERY) => {}
+                _ = shutdown.changed() => break,
+            }
+            let pool = self.pool.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                let mut conn = pool.get().map_err(DbError::from)?;
+                conn.batch_execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    .map_err(DbError::from)
+            })
+            .await;
+            if let Ok(Err(e)) = done {
+                tracing::warn!(module = self.module, error = %e, "checkpoint failed");
+            }
+        }
     }
 
     /// Runs a read-only `f` on a pooled connection, off the async runtime.

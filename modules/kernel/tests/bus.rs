@@ -730,6 +730,30 @@ async fn an_event_of_a_younger_transaction_is_not_skipped_on_postgres() {
     }
 }
 
+/// A SQLite module's write-ahead log is copied into its file by a task beside the
+/// writers, not by the writer whose commit happens to fill it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_logs_are_checkpointed_beside_the_writers() {
+    let test_db = TestDatabase::sqlite();
+    let db = open(&test_db, "alpha");
+    let Location::SqliteFile(file) = Location::resolve(&test_db.url(), "alpha").unwrap() else {
+        unreachable!("a SQLite location");
+    };
+    let size = || std::fs::metadata(&file).unwrap().len();
+    for n in 0..300 {
+        publish(&db, "k1", n);
+    }
+    // Far below the automatic checkpoint: the events are in the log only.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = size();
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(db.clone().checkpoints(stopped));
+    let copied = eventually(Duration::from_secs(5), || size() > before).await;
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    assert!(copied, "the database file stayed at {before} bytes");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_committed_after_a_later_one_is_not_skipped_on_postgres() {
     match TestDatabase::postgres() {
