@@ -509,7 +509,12 @@ async fn a_flaky_gateway_still_settles_every_order_once(db: TestDatabase) {
     let app = crate::helpers::spawn_with(db, colony::registry::ALL.to_vec(), |s| {
         s.modules.insert(
             "checkout".into(),
-            json!({"payment": {"failure_rate": 0.5, "latency_ms": 5, "breaker_failures": 50}}),
+            json!({"payment": {
+                "failure_rate": 0.5, "latency_ms": 5, "breaker_failures": 50,
+                // Short waits between attempts: even ten failures in a row of one
+                // order take well under a second.
+                "retry_base_ms": 20, "retry_max_ms": 100
+            }}),
         );
     })
     .await;
@@ -526,7 +531,7 @@ async fn a_flaky_gateway_still_settles_every_order_once(db: TestDatabase) {
         orders.push((customer, order));
     }
     for (customer, order) in &orders {
-        // Half the gateway calls fail: retries back off up to seconds apart.
+        // Half the gateway calls fail: each order is retried until it goes through.
         app.order_in_within(
             std::time::Duration::from_secs(60),
             customer,

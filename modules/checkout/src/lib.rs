@@ -57,11 +57,13 @@ fn build(ctx: ModuleContext) -> anyhow::Result<Box<dyn Module>> {
         &settings.payment,
     ));
     let lease = payment::lease_for(&settings.payment);
+    let retry = payment::RetryDelays::new(&settings.payment);
     let (payments, handed) = payment::Handoff::new(lease);
     Ok(Box::new(Checkout {
         db: ctx.db,
         gateway,
         lease,
+        retry,
         payments,
         handed: Mutex::new(Some(handed)),
     }))
@@ -71,6 +73,7 @@ struct Checkout {
     db: Db,
     gateway: Arc<dyn PaymentGateway>,
     lease: chrono::Duration,
+    retry: payment::RetryDelays,
     /// Payment steps this process's consumers claim, for its payment worker.
     payments: payment::Handoff,
     handed: Mutex<Option<mpsc::UnboundedReceiver<store::OrderRow>>>,
@@ -139,6 +142,7 @@ impl Module for Checkout {
             self.db.clone(),
             self.gateway.clone(),
             self.lease,
+            self.retry,
             handed,
             shutdown,
         ))]

@@ -66,6 +66,10 @@ pub struct PaymentSettings {
     /// Consecutive failures that open the circuit, and how long it stays open.
     pub breaker_failures: u32,
     pub breaker_cooldown_ms: u64,
+    /// The wait before a failed step is tried again, doubling with each failure
+    /// up to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
 }
 
 impl Default for PaymentSettings {
@@ -76,7 +80,35 @@ impl Default for PaymentSettings {
             timeout_ms: 5_000,
             breaker_failures: 5,
             breaker_cooldown_ms: 5_000,
+            retry_base_ms: 200,
+            retry_max_ms: 30_000,
         }
+    }
+}
+
+/// How long a failed payment step waits before it is tried again.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryDelays {
+    base: chrono::Duration,
+    max: chrono::Duration,
+}
+
+impl RetryDelays {
+    pub fn new(settings: &PaymentSettings) -> Self {
+        let ms = |v: u64| chrono::Duration::milliseconds(i64::try_from(v).unwrap_or(i64::MAX / 2));
+        Self {
+            base: ms(settings.retry_base_ms.max(1)),
+            max: ms(settings.retry_max_ms.max(settings.retry_base_ms).max(1)),
+        }
+    }
+
+    /// After `failures` failed attempts (the one just made included).
+    fn after(&self, failures: u32) -> chrono::Duration {
+        let factor = 1_i32 << failures.saturating_sub(1).min(20);
+        self.base
+            .checked_mul(factor)
+            .unwrap_or(self.max)
+            .min(self.max)
     }
 }
 
@@ -307,6 +339,7 @@ pub async fn run_worker(
     db: Db,
     gateway: Arc<dyn PaymentGateway>,
     lease: chrono::Duration,
+    retry: RetryDelays,
     mut handed: mpsc::UnboundedReceiver<store::OrderRow>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -350,7 +383,7 @@ pub async fn run_worker(
                 let (db, gateway) = (db.clone(), gateway.clone());
                 batches.spawn(async move {
                     let answers = call_gateway(&gateway, steps).await;
-                    db.write(move |conn| record(conn, answers)).await
+                    db.write(move |conn| record(conn, answers, retry)).await
                 });
                 continue;
             }
@@ -491,6 +524,7 @@ async fn call_gateway(
 fn record(
     conn: &mut AnyConnection,
     answers: Vec<(store::OrderRow, Answer)>,
+    retry: RetryDelays,
 ) -> Result<Option<NaiveDateTime>, DbError> {
     let mut retry_at: Option<NaiveDateTime> = None;
     let now = kernel::time::now();
@@ -512,11 +546,7 @@ fn record(
             Answer::Nothing => None,
             Answer::Failed(error) => {
                 let attempts = u32::try_from(order.payment_attempts.max(0)).unwrap_or(0);
-                let delay_ms = 200u64
-                    .saturating_mul(2u64.saturating_pow(attempts.min(8)))
-                    .min(30_000);
-                let due =
-                    now + chrono::Duration::milliseconds(i64::try_from(delay_ms).unwrap_or(30_000));
+                let due = now + retry.after(attempts + 1);
                 tracing::warn!(order.id = %order.id, error = %error, attempts = attempts + 1, "payment step will be retried");
                 store::payment_failed(conn, &order.id, &error.to_string(), due)?;
                 retry_at = Some(retry_at.map_or(due, |at| at.min(due)));
@@ -604,4 +634,23 @@ fn publish_outcome(
         Outcome::Cancelled(e) => publisher.publish(conn, &order.id, e)?,
     };
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn given_failures_when_retried_then_the_wait_doubles_up_to_the_cap() {
+        let retry = RetryDelays::new(&PaymentSettings {
+            retry_base_ms: 200,
+            retry_max_ms: 1_000,
+            ..PaymentSettings::default()
+        });
+        let waits: Vec<i64> = (1..=5)
+            .map(|failures| retry.after(failures).num_milliseconds())
+            .collect();
+        assert_eq!(waits, vec![200, 400, 800, 1_000, 1_000]);
+        assert_eq!(retry.after(u32::MAX).num_milliseconds(), 1_000);
+    }
 }
