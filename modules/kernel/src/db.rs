@@ -305,7 +305,6 @@ pub struct Db {
     module: &'static str,
     backend: Backend,
     pool: DbPool,
-    committed: watch::Sender<u64>,
     published: watch::Sender<u64>,
     nudged: watch::Sender<u64>,
     /// SQLite has one writer per file: writers of this process queue here, in
@@ -319,7 +318,6 @@ impl Db {
             module,
             backend,
             pool,
-            committed: watch::Sender::new(0),
             published: watch::Sender::new(0),
             nudged: watch::Sender::new(0),
             writer: Arc::new(tokio::sync::Mutex::new(())),
@@ -338,11 +336,6 @@ impl Db {
         &self.pool
     }
 
-    /// A receiver that changes whenever a write transaction of this module commits.
-    pub fn commits(&self) -> watch::Receiver<u64> {
-        self.committed.subscribe()
-    }
-
     /// A receiver that changes whenever a write transaction of this module that
     /// published events commits: what readers of the outbox wait for.
     pub fn publications(&self) -> watch::Receiver<u64> {
@@ -354,9 +347,9 @@ impl Db {
         self.announce(true);
     }
 
-    /// Tells waiters that a transaction committed, which `published` or not.
+    /// Tells waiters that a transaction committed, which `published` or not (only
+    /// readers of the outbox wait for commits, and only for those that published).
     pub fn announce(&self, published: bool) {
-        self.committed.send_modify(|n| *n = n.wrapping_add(1));
         if published {
             self.published.send_modify(|n| *n = n.wrapping_add(1));
         }

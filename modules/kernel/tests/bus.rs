@@ -843,18 +843,7 @@ async fn concurrent_publishers_lose_nothing_and_keep_key_order(test_db: TestData
     let running =
         tokio::spawn(engine.run(s.transport.subscribe("beta", "alpha").unwrap(), stopped));
     publish_concurrently(&s.producer).await;
-    let done = eventually(Duration::from_secs(20), || {
-        effects(&s.consumer, "beta").len() == 240
-    })
-    .await;
-    stop.send(true).unwrap();
-    running.await.unwrap();
-    assert!(
-        done,
-        "only {} of 240 handled",
-        effects(&s.consumer, "beta").len()
-    );
-    assert_once_in_key_order(&effects(&s.consumer, "beta"), 240);
+    all_240_once_in_key_order(&s.consumer, stop, running).await;
     s.teardown().await;
 }
 
@@ -913,8 +902,18 @@ async fn a_consumer_passing_events_by_misses_none_it_wants(test_db: TestDatabase
     for w in writers {
         w.await.unwrap();
     }
+    all_240_once_in_key_order(&s.consumer, stop, running).await;
+}
+
+/// Waits for the 240 events of six concurrent writers to take effect, stops the
+/// consumer, and checks that each took effect once, in key order.
+async fn all_240_once_in_key_order(
+    consumer: &Db,
+    stop: watch::Sender<bool>,
+    running: tokio::task::JoinHandle<()>,
+) {
     let done = eventually(Duration::from_secs(20), || {
-        effects(&s.consumer, "beta").len() == 240
+        effects(consumer, "beta").len() == 240
     })
     .await;
     stop.send(true).unwrap();
@@ -922,9 +921,9 @@ async fn a_consumer_passing_events_by_misses_none_it_wants(test_db: TestDatabase
     assert!(
         done,
         "only {} of 240 handled",
-        effects(&s.consumer, "beta").len()
+        effects(consumer, "beta").len()
     );
-    assert_once_in_key_order(&effects(&s.consumer, "beta"), 240);
+    assert_once_in_key_order(&effects(consumer, "beta"), 240);
 }
 
 /// Checks that each key's events took effect in publishing order, each once.
