@@ -207,6 +207,7 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
         &[
             &marks(&rig, "checkout", "checkout.order_placed.v1").await?,
             &marks(&rig, "catalog", "catalog.stock_reserved.v1").await?,
+            &support::charged(&rig).await?,
             &marks(&rig, "checkout", "checkout.order_confirmed.v1").await?,
         ],
     );
@@ -220,13 +221,19 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
         verdict(p.p99 <= 50.0),
         p.max
     );
-    let [to_reserved, to_confirmed]: [Vec<f64>; 2] =
-        hops.try_into().map_err(|_| anyhow!("two hops expected"))?;
-    let (r, c) = (percentiles(to_reserved), percentiles(to_confirmed));
+    let [to_reserved, to_charged, to_confirmed]: [Vec<f64>; 3] = hops
+        .try_into()
+        .map_err(|_| anyhow!("three steps expected"))?;
+    let (r, ch, c) = (
+        percentiles(to_reserved),
+        percentiles(to_charged),
+        percentiles(to_confirmed),
+    );
     println!(
         "    of which placed → stock reserved (catalog): p50 {:.2} ms, p99 {:.2} ms; \
-         reserved → confirmed (checkout, payment): p50 {:.2} ms, p99 {:.2} ms",
-        r.p50, r.p99, c.p50, c.p99
+         reserved → charged (checkout's consumer, the payment worker, the test gateway's ledger): \
+         p50 {:.2} ms, p99 {:.2} ms; charged → confirmed: p50 {:.2} ms, p99 {:.2} ms",
+        r.p50, r.p99, ch.p50, ch.p99, c.p50, c.p99
     );
     println!("    targets: p99 ≤ 50 ms");
 

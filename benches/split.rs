@@ -168,7 +168,7 @@ async fn latency_run(rig: &Rig, product: &str, args: &Args, phase: &str) -> Resu
         println!("  hop {name}: p50 {:.2} ms, p99 {:.2} ms", p.p50, p.p99);
     }
     // The payment hop cut at the test gateway's ledger write, for reading it.
-    let charged_at = charged(rig).await?;
+    let charged_at = support::charged(rig).await?;
     let parts = steps(&placed, &[&reserved_at, &charged_at, &confirmed_at]);
     if parts.iter().all(|p| p.len() == placed.len()) {
         let parts: Vec<Percentiles> = parts.into_iter().map(percentiles).collect();
@@ -178,35 +178,6 @@ async fn latency_run(rig: &Rig, product: &str, args: &Args, phase: &str) -> Resu
         );
     }
     Ok(Latency { end_to_end, hops })
-}
-
-/// When the test gateway recorded each order's charge.
-async fn charged(rig: &Rig) -> Result<support::Marks> {
-    #[derive(diesel::QueryableByName)]
-    struct Charge {
-        #[diesel(sql_type = diesel::sql_types::Text)]
-        order_id: String,
-        #[diesel(sql_type = diesel::sql_types::Timestamp)]
-        created_at: chrono::NaiveDateTime,
-    }
-    let charges = rig
-        .db("checkout")?
-        .read(|conn| {
-            let query = diesel::sql_query("SELECT order_id, created_at FROM test_gateway_charges");
-            match conn {
-                kernel::AnyConnection::Postgresql(c) => {
-                    diesel::RunQueryDsl::load::<Charge>(query, c).map_err(DbError::from)
-                }
-                kernel::AnyConnection::Sqlite(c) => {
-                    diesel::RunQueryDsl::load::<Charge>(query, c).map_err(DbError::from)
-                }
-            }
-        })
-        .await?;
-    Ok(charges
-        .into_iter()
-        .map(|c| (c.order_id, c.created_at.and_utc()))
-        .collect())
 }
 
 const HOPS: [&str; 3] = [

@@ -377,3 +377,32 @@ pub async fn busy_cores_during<T>(work: impl std::future::Future<Output = T>) ->
     let busy = machine_busy_ticks().saturating_sub(ticks) as f64 / 100.0;
     (out, busy / started.elapsed().as_secs_f64())
 }
+
+/// When the test gateway recorded each order's charge.
+pub async fn charged(rig: &Rig) -> Result<Marks> {
+    #[derive(diesel::QueryableByName)]
+    struct Charge {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        order_id: String,
+        #[diesel(sql_type = diesel::sql_types::Timestamp)]
+        created_at: chrono::NaiveDateTime,
+    }
+    let charges = rig
+        .db("checkout")?
+        .read(|conn| {
+            let query = diesel::sql_query("SELECT order_id, created_at FROM test_gateway_charges");
+            match conn {
+                kernel::AnyConnection::Postgresql(c) => {
+                    diesel::RunQueryDsl::load::<Charge>(query, c).map_err(DbError::from)
+                }
+                kernel::AnyConnection::Sqlite(c) => {
+                    diesel::RunQueryDsl::load::<Charge>(query, c).map_err(DbError::from)
+                }
+            }
+        })
+        .await?;
+    Ok(charges
+        .into_iter()
+        .map(|c| (c.order_id, c.created_at.and_utc()))
+        .collect())
+}
