@@ -413,6 +413,11 @@ impl BusRig {
             tracker: tracker.clone(),
         });
         let (stop, stopped) = watch::channel(false);
+        // As the application runs them: SQLite logs copied into their files beside
+        // the writers (nothing on PostgreSQL).
+        for db in [&producer, &consumer] {
+            tokio::spawn(db.clone().checkpoints(stop.subscribe()));
+        }
         let mut rig = Self {
             producer,
             consumer,
