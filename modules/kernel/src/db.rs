@@ -224,7 +224,7 @@ pub fn prepare(location: &Location, options: &PoolOptions) -> Result<ModuleConne
             };
             // busy_timeout first: switching to WAL needs the lock other connections may hold.
             // Checkpoints run beside the writers (`Db::checkpoints`); the automatic one,
-            // run by a committing writer, is the backstop only.
+            // run by a committing writer, bounds the log when writers outpace them.
             let setup = format!(
                 "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
                  PRAGMA synchronous = {sync}; PRAGMA foreign_keys = ON; \
@@ -379,39 +379,42 @@ impl Db {
     }
 
     /// Runs `f` in a write transaction on a pooled connection, off the async
-    /// runtime, and wakes what waits for this module's commits once it has
-    /// committed (readers of the outbox only if `f` published).
+    /// runtime, and once it has committed wakes the readers of this module's
+    /// outbox if `f` published.
     pub async fn write<T, E, F>(&self, f: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
         F: FnOnce(&mut AnyConnection) -> Result<T, E> + Send + 'static,
     {
-        let pool = self.pool.clone();
-        let turn = self.write_turn().await;
-        let (result, published) = tokio::task::spawn_blocking(move || {
-            let before = crate::outbox::published_here();
-            let result = pool
-                .get()
-                .map_err(|e| DbError::from(e).into())
-                .and_then(|mut conn| write_tx(&mut conn, f));
-            drop(turn);
-            (result, crate::outbox::published_here() != before)
-        })
-        .await
-        .map_err(|e| DbError::Join(e.to_string()))?;
-        if result.is_ok() {
-            self.announce(published);
-        }
-        result
+        let (value, published) = self
+            .on_write_turn(move |conn| {
+                let before = crate::outbox::published_here();
+                let value = write_tx(conn, f)?;
+                Ok::<_, E>((value, crate::outbox::published_here() != before))
+            })
+            .await?;
+        self.announce(published);
+        Ok(value)
     }
 
     /// Runs `f` on a pooled connection outside any explicit transaction, off the
     /// async runtime: for a write that is one statement (which commits by itself),
     /// saving the round trips of `BEGIN` and `COMMIT`. Takes this process's write
-    /// turn on SQLite, and wakes what waits for this module's commits afterwards.
-    /// Never for publishing: an event is published in the transaction of its change.
+    /// turn on SQLite. Never for publishing: an event is published in the
+    /// transaction of its change.
     pub async fn write_one<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+        F: FnOnce(&mut AnyConnection) -> Result<T, E> + Send + 'static,
+    {
+        self.on_write_turn(f).await
+    }
+
+    /// Runs `f` on a pooled connection off the async runtime, holding this
+    /// process's write turn (SQLite) until it returns.
+    async fn on_write_turn<T, E, F>(&self, f: F) -> Result<T, E>
     where
         T: Send + 'static,
         E: From<DbError> + Send + 'static,
@@ -419,7 +422,7 @@ impl Db {
     {
         let pool = self.pool.clone();
         let turn = self.write_turn().await;
-        let result = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let result = pool
                 .get()
                 .map_err(|e| DbError::from(e).into())
@@ -428,11 +431,7 @@ impl Db {
             result
         })
         .await
-        .map_err(|e| DbError::Join(e.to_string()))?;
-        if result.is_ok() {
-            self.announce(false);
-        }
-        result
+        .map_err(|e| DbError::Join(e.to_string()))?
     }
 
     /// On SQLite, until `shutdown`: copies the write-ahead log into the database

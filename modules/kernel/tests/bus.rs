@@ -270,10 +270,20 @@ fn nats_available() -> bool {
 }
 
 fn engine(db: &Db, handler: Arc<Recorder>, policy: RetryPolicy) -> ConsumerEngine {
+    engine_wanting(db, handler, policy, &[])
+}
+
+/// A consumer that acts on `events` only (all when empty) and passes the others by.
+fn engine_wanting(
+    db: &Db,
+    handler: Arc<Recorder>,
+    policy: RetryPolicy,
+    events: &'static [&'static str],
+) -> ConsumerEngine {
     let consumer = Consumer {
         name: handler.consumer,
         source: "alpha",
-        events: &[],
+        events,
         handler,
     };
     ConsumerEngine::new(consumer, db.clone(), policy, Arc::new(Metrics::default()))
@@ -527,6 +537,9 @@ async fn a_rolled_back_transaction_publishes_nothing(test_db: TestDatabase) {
     assert_eq!(effects(&s.consumer, "beta"), vec![("k1".into(), 2)]);
 }
 
+/// The events a consumer acts on when it passes `NoiseHappened` by.
+const THINGS: &[&str] = &["alpha.thing_happened.v1"];
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct NoiseHappened {
     n: i64,
@@ -557,18 +570,7 @@ fn stored_position(db: &Db, consumer: &str) -> (i64, Option<NaiveDateTime>) {
 async fn events_passed_by_commit_nothing(test_db: TestDatabase) {
     let s = setup(&test_db);
     let handler = Arc::new(Recorder::new("beta"));
-    let consumer = Consumer {
-        name: "beta",
-        source: "alpha",
-        events: &["alpha.thing_happened.v1"],
-        handler: handler.clone(),
-    };
-    let engine = ConsumerEngine::new(
-        consumer,
-        s.consumer.clone(),
-        policy(),
-        Arc::new(Metrics::default()),
-    );
+    let engine = engine_wanting(&s.consumer, handler, policy(), THINGS);
     let (stop, stopped) = watch::channel(false);
     let sub = s.transport.subscribe("beta", "alpha").unwrap();
     let running = tokio::spawn(engine.run(sub, stopped));
@@ -853,23 +855,11 @@ async fn concurrent_publishers_lose_nothing_and_keep_key_order(test_db: TestData
 /// event it wants, once, in key order.
 async fn a_consumer_passing_events_by_misses_none_it_wants(test_db: TestDatabase) {
     let s = setup(&test_db);
-    let handler = Arc::new(Recorder::new("beta"));
-    let consumer = Consumer {
-        name: "beta",
-        source: "alpha",
-        events: &["alpha.thing_happened.v1"],
-        handler: handler.clone(),
-    };
     let small = RetryPolicy {
         batch_size: 8,
         ..policy()
     };
-    let engine = ConsumerEngine::new(
-        consumer,
-        s.consumer.clone(),
-        small,
-        Arc::new(Metrics::default()),
-    );
+    let engine = engine_wanting(&s.consumer, Arc::new(Recorder::new("beta")), small, THINGS);
     let (stop, stopped) = watch::channel(false);
     let running =
         tokio::spawn(engine.run(s.transport.subscribe("beta", "alpha").unwrap(), stopped));

@@ -88,7 +88,7 @@ struct LocalSubscription {
 }
 
 impl LocalSubscription {
-    /// Takes the row lock on this consumer's position (creating it at 0) and reads it.
+    /// Stores this consumer's position (in the pass's transaction).
     fn write_position(&self, conn: &mut AnyConnection, position: i64) -> Result<(), BusError> {
         diesel::update(positions::table.find((self.consumer.as_str(), self.source.module())))
             .set((
@@ -99,6 +99,7 @@ impl LocalSubscription {
         Ok(())
     }
 
+    /// Takes the row lock on this consumer's position (creating it at 0) and reads it.
     fn lock_position(&self, conn: &mut AnyConnection) -> Result<i64, BusError> {
         let key = positions::table.find((self.consumer.as_str(), self.source.module()));
         let now = crate::time::now();
