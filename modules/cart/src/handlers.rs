@@ -1,8 +1,6 @@
 //! Cart's read model of the catalog, kept from catalog events.
 
-use contracts::catalog::{
-    PriceChanged, ProductDelisted, ProductDetailsChanged, ProductListed, StockChanged,
-};
+use contracts::catalog::{PriceChanged, ProductDelisted, ProductDetailsChanged, ProductListed};
 use contracts::checkout::OrderConfirmed;
 use kernel::bus::{EventHandler, HandlerError};
 use kernel::{AnyConnection, Envelope};
@@ -42,7 +40,6 @@ impl EventHandler for CatalogEvents {
                     name: e.name,
                     price_minor: e.price.amount_minor,
                     currency: e.price.currency,
-                    available: e.available,
                     listed: true,
                     updated_at: kernel::time::now(),
                 },
@@ -61,14 +58,6 @@ impl EventHandler for CatalogEvents {
             let changes = ProductChanges {
                 price_minor: Some(e.price.amount_minor),
                 currency: Some(e.price.currency),
-                ..Default::default()
-            };
-            return changed(conn, e.product_id, changes);
-        }
-        if let Some(stock) = event.decode::<StockChanged>() {
-            let e = stock?;
-            let changes = ProductChanges {
-                available: Some(e.available),
                 ..Default::default()
             };
             return changed(conn, e.product_id, changes);

@@ -69,7 +69,14 @@ impl Module for Cart {
             Consumer {
                 name: MODULE,
                 source: "catalog",
-                events: contracts::catalog::PRODUCT_EVENTS,
+                // Not stock changes: a cart orders what is listed, and catalog's
+                // reservation is where stock is checked.
+                events: &[
+                    contracts::catalog::ProductListed::NAME,
+                    contracts::catalog::ProductDetailsChanged::NAME,
+                    contracts::catalog::PriceChanged::NAME,
+                    contracts::catalog::ProductDelisted::NAME,
+                ],
                 handler: Arc::new(handlers::CatalogEvents),
             },
             Consumer {

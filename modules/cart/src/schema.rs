@@ -4,7 +4,6 @@ diesel::table! {
         name -> Text,
         price_minor -> BigInt,
         currency -> Text,
-        available -> BigInt,
         listed -> Bool,
         updated_at -> Timestamp,
     }

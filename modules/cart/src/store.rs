@@ -15,7 +15,6 @@ pub struct ProductRow {
     pub name: String,
     pub price_minor: i64,
     pub currency: String,
-    pub available: i64,
     pub listed: bool,
     pub updated_at: NaiveDateTime,
 }
@@ -27,7 +26,6 @@ pub struct ProductChanges {
     pub name: Option<String>,
     pub price_minor: Option<i64>,
     pub currency: Option<String>,
-    pub available: Option<i64>,
     pub listed: Option<bool>,
     pub updated_at: Option<NaiveDateTime>,
 }

@@ -301,16 +301,24 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 const AUTOCHECKPOINT_PAGES: u32 = 1_000;
 
 pub type DbPool = Pool<ModuleConnector>;
+
+/// A reader of the outbox that wakes for some events only.
+struct Listener {
+    events: &'static [&'static str],
+    tx: watch::Sender<u64>,
+}
 pub type PooledConn = PooledConnection<ModuleConnector>;
 
-/// A module's handle on its own database: the pool plus the signal that wakes
-/// event consumers when a transaction that wrote the outbox commits.
+/// A module's handle on its own database: the pool plus the signals that wake
+/// readers of its outbox when a transaction that published commits.
 #[derive(Clone)]
 pub struct Db {
     module: &'static str,
     backend: Backend,
     pool: DbPool,
     published: watch::Sender<u64>,
+    /// Readers woken only by commits that published one of the events they name.
+    listeners: Arc<std::sync::Mutex<Vec<Listener>>>,
     nudged: watch::Sender<u64>,
     /// SQLite has one writer per file: writers of this process queue here, in
     /// order, instead of in SQLite's busy handler, which sleeps up to 100 ms a try.
@@ -324,6 +332,7 @@ impl Db {
             backend,
             pool,
             published: watch::Sender::new(0),
+            listeners: Arc::default(),
             nudged: watch::Sender::new(0),
             writer: Arc::new(tokio::sync::Mutex::new(())),
         }
@@ -342,22 +351,49 @@ impl Db {
     }
 
     /// A receiver that changes whenever a write transaction of this module that
-    /// published events commits: what readers of the outbox wait for.
+    /// published events commits: what readers of the whole outbox wait for.
     pub fn publications(&self) -> watch::Receiver<u64> {
         self.published.subscribe()
     }
 
-    /// Tells waiters that a transaction committed, and new outbox rows may be visible.
-    pub fn notify_committed(&self) {
-        self.announce(true);
+    /// A receiver that changes whenever a transaction of this module that published
+    /// one of `events` commits (any event when `events` is empty): what a consumer
+    /// that acts on those only waits for. Commits of other events leave it asleep.
+    pub fn publications_of(&self, events: &'static [&'static str]) -> watch::Receiver<u64> {
+        let (tx, rx) = watch::channel(0);
+        self.lock_listeners().push(Listener { events, tx });
+        rx
     }
 
-    /// Tells waiters that a transaction committed, which `published` or not (only
-    /// readers of the outbox wait for commits, and only for those that published).
-    pub fn announce(&self, published: bool) {
-        if published {
-            self.published.send_modify(|n| *n = n.wrapping_add(1));
+    /// Tells every reader that a transaction committed which may have published
+    /// anything.
+    pub fn notify_committed(&self) {
+        self.wake(|_| true);
+    }
+
+    /// Tells readers that a transaction committed which published the events
+    /// named (none: nobody is woken).
+    pub fn announce(&self, published: &[&'static str]) {
+        if !published.is_empty() {
+            self.wake(|events| events.is_empty() || published.iter().any(|n| events.contains(n)));
         }
+    }
+
+    fn wake(&self, wanted: impl Fn(&[&str]) -> bool) {
+        self.published.send_modify(|n| *n = n.wrapping_add(1));
+        self.lock_listeners().retain(|l| {
+            if wanted(l.events) {
+                l.tx.send_modify(|n| *n = n.wrapping_add(1));
+            }
+            !l.tx.is_closed()
+        });
+    }
+
+    fn lock_listeners(&self) -> std::sync::MutexGuard<'_, Vec<Listener>> {
+        // A panic while the list was held leaves it whole: keep using it.
+        self.listeners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A receiver that changes when this module's own consumers have new work
@@ -389,12 +425,12 @@ impl Db {
     {
         let (value, published) = self
             .on_write_turn(move |conn| {
-                let before = crate::outbox::published_here();
+                crate::outbox::take_published();
                 let value = write_tx(conn, f)?;
-                Ok::<_, E>((value, crate::outbox::published_here() != before))
+                Ok::<_, E>((value, crate::outbox::take_published()))
             })
             .await?;
-        self.announce(published);
+        self.announce(&published);
         Ok(value)
     }
 

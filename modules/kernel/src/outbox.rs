@@ -14,15 +14,26 @@ use crate::schema::colony_outbox;
 use crate::trace::TraceContext;
 
 thread_local! {
-    static PUBLISHED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static PUBLISHED: std::cell::RefCell<Vec<&'static str>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// How many events this thread has published so far, committed or not. Database
-/// work runs synchronously on one thread, so comparing the count before and after
-/// a transaction tells whether it published (and whether outbox readers need
-/// waking once it commits).
-pub fn published_here() -> u64 {
-    PUBLISHED.with(std::cell::Cell::get)
+/// The names of the events this thread has published since the last call, each
+/// once, committed or not; the list is emptied. Database work runs synchronously
+/// on one thread, so a caller that takes the list before a transaction and again
+/// after its commit learns what that transaction published (and which outbox
+/// readers to wake). Left over from a rolled-back transaction, a name costs only a
+/// needless wake-up; the list never holds more than the distinct names.
+pub fn take_published() -> Vec<&'static str> {
+    PUBLISHED.with(|names| std::mem::take(&mut *names.borrow_mut()))
+}
+
+fn note_published(name: &'static str) {
+    PUBLISHED.with(|names| {
+        let mut names = names.borrow_mut();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    });
 }
 
 /// Publishes events of one module on behalf of one request or one handled event.
@@ -88,7 +99,7 @@ impl Publisher {
             traceparent: self.trace.map(|t| t.to_string()),
             payload,
         };
-        PUBLISHED.with(|n| n.set(n.get().wrapping_add(1)));
+        note_published(E::NAME);
         match conn {
             AnyConnection::Postgresql(c) => {
                 envelope.sequence = AppendPg(&OutboxRow::from_envelope(&envelope)).get_result(c)?;

@@ -19,7 +19,7 @@ use kernel::bus::{
     Consumer, ConsumerEngine, EventHandler, HandlerError, LocalTransport, NatsTransport,
     RetryPolicy, Subscription, Transport,
 };
-use kernel::db::{self, Location, PoolOptions, write_tx};
+use kernel::db::{self, DbError, Location, PoolOptions, write_tx};
 use kernel::metrics::Metrics;
 use kernel::migrate::{self, Migrations};
 use kernel::outbox::{self, Publisher};
@@ -849,6 +849,73 @@ async fn concurrent_publishers_lose_nothing_and_keep_key_order(test_db: TestData
     s.teardown().await;
 }
 
+/// Commits wake the readers of the events they published, and no others.
+async fn commits_wake_only_readers_of_their_events(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    let mut everything = s.producer.publications();
+    let mut things = s.producer.publications_of(THINGS);
+    let mut any_name = s.producer.publications_of(&[]);
+    let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
+
+    let p = publisher.clone();
+    s.producer
+        .write(move |conn| Ok::<_, DbError>(p.publish(conn, "k1", &NoiseHappened { n: 1 })?))
+        .await
+        .unwrap();
+    assert!(
+        everything.has_changed().unwrap(),
+        "the outbox's readers slept"
+    );
+    assert!(
+        any_name.has_changed().unwrap(),
+        "a reader of every event slept"
+    );
+    assert!(
+        !things.has_changed().unwrap(),
+        "a reader of other events was woken"
+    );
+    everything.borrow_and_update();
+    any_name.borrow_and_update();
+
+    // Nothing published, nobody woken.
+    s.producer.write(|_| Ok::<_, DbError>(())).await.unwrap();
+    assert!(!everything.has_changed().unwrap());
+
+    let p = publisher.clone();
+    s.producer
+        .write(move |conn| {
+            p.publish(conn, "k1", &NoiseHappened { n: 2 })?;
+            Ok::<_, DbError>(p.publish(conn, "k1", &ThingHappened { n: 3 })?)
+        })
+        .await
+        .unwrap();
+    assert!(things.has_changed().unwrap(), "the reader of things slept");
+    assert!(everything.has_changed().unwrap());
+    things.borrow_and_update();
+
+    // A rolled-back transaction wakes nobody, and the next commit does not
+    // announce its events either.
+    let p = publisher.clone();
+    let failed = s
+        .producer
+        .write(move |conn| {
+            p.publish(conn, "k1", &ThingHappened { n: 4 })?;
+            Err::<(), _>(DbError::from(diesel::result::Error::RollbackTransaction))
+        })
+        .await;
+    assert!(failed.is_err());
+    assert!(!things.has_changed().unwrap(), "a rollback woke a reader");
+    let p = publisher;
+    s.producer
+        .write(move |conn| Ok::<_, DbError>(p.publish(conn, "k1", &NoiseHappened { n: 5 })?))
+        .await
+        .unwrap();
+    assert!(
+        !things.has_changed().unwrap(),
+        "the events of a rolled-back transaction were announced by the next commit"
+    );
+}
+
 /// Writers publish events the consumer wants between many it passes by, and commit
 /// out of publishing order (some hold their transaction open a moment): the
 /// consumer, which passes the others by outside its passes, still handles every
@@ -1173,5 +1240,6 @@ on_both_backends!(
     replaying_a_dead_letter_delivers_it_once,
     concurrent_publishers_lose_nothing_and_keep_key_order_locally,
     events_passed_by_commit_nothing,
+    commits_wake_only_readers_of_their_events,
     a_consumer_passing_events_by_misses_none_it_wants,
 );

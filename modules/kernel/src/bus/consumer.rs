@@ -130,7 +130,7 @@ impl ConsumerEngine {
         sub: &mut dyn Subscription,
         now: NaiveDateTime,
     ) -> Result<PassReport, BusError> {
-        let before = crate::outbox::published_here();
+        crate::outbox::take_published();
         let report = match self.pass_as(conn, sub, now, Mode::Whole) {
             Err(PassError::Rerun(failed)) => {
                 sub.rewind();
@@ -145,7 +145,7 @@ impl ConsumerEngine {
         if report.handled > 0 {
             // Committed: wake this module's own waiters as any other writer would
             // (its outbox readers only if the handlers published).
-            self.db.announce(crate::outbox::published_here() != before);
+            self.db.announce(&crate::outbox::take_published());
         }
         Ok(report)
     }
@@ -578,6 +578,7 @@ impl ConsumerEngine {
     /// Runs passes until `shutdown` turns true; a pass in progress is finished first.
     pub async fn run(self, mut sub: Box<dyn Subscription>, mut shutdown: watch::Receiver<bool>) {
         let engine = Arc::new(self);
+        sub.wake_for(engine.consumer.events);
         let mut nudges = engine.db.nudges();
         let span = tracing::info_span!(
             "consumer",

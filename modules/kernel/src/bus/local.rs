@@ -51,6 +51,7 @@ impl Transport for LocalTransport {
             consumer: consumer.to_string(),
             source: db.clone(),
             commits: db.publications(),
+            wanted: db.publications_of(&[]),
             known_position: None,
             passed_to: 0,
             passed_since: None,
@@ -75,7 +76,10 @@ const CATCH_UP: Duration = Duration::from_secs(1);
 struct LocalSubscription {
     consumer: String,
     source: Db,
+    /// Changes with every commit that published.
     commits: watch::Receiver<u64>,
+    /// Changes with the commits that published an event this consumer acts on.
+    wanted: watch::Receiver<u64>,
     /// The position as this process last read or wrote it; it never moves back.
     known_position: Option<i64>,
     /// Everything through this number is settled and of no interest to this
@@ -132,19 +136,34 @@ impl LocalSubscription {
 
 impl Subscription for LocalSubscription {
     fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool> {
-        // Stopped at a gap: it fills with a commit that wakes this wait, or, if its
-        // transaction rolled back, is settled by a read soon after.
-        let timeout = if self.gaps.waiting() {
-            timeout.min(GAP_RECHECK)
-        } else {
-            timeout
-        };
+        // Stopped at a gap: it fills with a commit (of any event) that wakes this
+        // wait, or, if its transaction rolled back, is settled by a read soon after.
+        // Otherwise only the commits of wanted events wake it: the events passed by
+        // in between are read by the pass that follows, or by a poll.
+        let at_gap = self.gaps.waiting();
         Box::pin(async move {
+            if !at_gap {
+                self.commits.borrow_and_update();
+                return matches!(
+                    tokio::time::timeout(timeout, self.wanted.changed()).await,
+                    Ok(Ok(()))
+                );
+            }
+            let woken = async {
+                tokio::select! {
+                    r = self.commits.changed() => r,
+                    r = self.wanted.changed() => r,
+                }
+            };
             matches!(
-                tokio::time::timeout(timeout, self.commits.changed()).await,
+                tokio::time::timeout(timeout.min(GAP_RECHECK), woken).await,
                 Ok(Ok(()))
             )
         })
+    }
+
+    fn wake_for(&mut self, events: &'static [&'static str]) {
+        self.wanted = self.source.publications_of(events);
     }
 
     fn nothing_wanted(&mut self, wants: &dyn Fn(&str) -> bool) -> Result<bool, BusError> {

@@ -134,6 +134,11 @@ pub enum BusError {
 pub trait Subscription: Send + 'static {
     /// Waits until new events may be available (`true`), or `timeout` passes (`false`).
     fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool>;
+    /// Tells the subscription the only events its consumer acts on (empty: all),
+    /// so that `wait` may sleep through new events of other names.
+    fn wake_for(&mut self, events: &'static [&'static str]) {
+        let _ = events;
+    }
     /// Cheaply and outside any transaction: `true` only when certainly nothing this
     /// consumer `wants` waits after its position — nothing new, or only events it
     /// passes by. Those count as passed: the next `pull` starts after them (or they
