@@ -305,7 +305,18 @@ pub type DbPool = Pool<ModuleConnector>;
 /// A reader of the outbox that wakes for some events only.
 struct Listener {
     events: &'static [&'static str],
-    tx: watch::Sender<u64>,
+    tx: watch::Sender<Published>,
+}
+
+/// What the commits of this process told a reader of some events (see
+/// `Db::publications_of`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Published {
+    /// The highest sequence number of those events committed so far.
+    pub up_to: i64,
+    /// Counts the commits that did not say what they published
+    /// (`Db::notify_committed`): after one, only a read of the outbox can tell.
+    pub unknown: u64,
 }
 pub type PooledConn = PooledConnection<ModuleConnector>;
 
@@ -357,10 +368,11 @@ impl Db {
     }
 
     /// A receiver that changes whenever a transaction of this module that published
-    /// one of `events` commits (any event when `events` is empty): what a consumer
-    /// that acts on those only waits for. Commits of other events leave it asleep.
-    pub fn publications_of(&self, events: &'static [&'static str]) -> watch::Receiver<u64> {
-        let (tx, rx) = watch::channel(0);
+    /// one of `events` commits (any event when `events` is empty), and says up to
+    /// which sequence number they were published: what a consumer that acts on
+    /// those only waits for. Commits of other events leave it asleep.
+    pub fn publications_of(&self, events: &'static [&'static str]) -> watch::Receiver<Published> {
+        let (tx, rx) = watch::channel(Published::default());
         self.lock_listeners().push(Listener { events, tx });
         rx
     }
@@ -368,22 +380,28 @@ impl Db {
     /// Tells every reader that a transaction committed which may have published
     /// anything.
     pub fn notify_committed(&self) {
-        self.wake(|_| true);
+        self.published.send_modify(|n| *n = n.wrapping_add(1));
+        self.lock_listeners().retain(|l| {
+            l.tx.send_modify(|p| p.unknown = p.unknown.wrapping_add(1));
+            !l.tx.is_closed()
+        });
     }
 
     /// Tells readers that a transaction committed which published the events
-    /// named (none: nobody is woken).
-    pub fn announce(&self, published: &[&'static str]) {
-        if !published.is_empty() {
-            self.wake(|events| events.is_empty() || published.iter().any(|n| events.contains(n)));
+    /// named, with the highest sequence number of each (none: nobody is woken).
+    pub fn announce(&self, published: &[(&'static str, i64)]) {
+        if published.is_empty() {
+            return;
         }
-    }
-
-    fn wake(&self, wanted: impl Fn(&[&str]) -> bool) {
         self.published.send_modify(|n| *n = n.wrapping_add(1));
         self.lock_listeners().retain(|l| {
-            if wanted(l.events) {
-                l.tx.send_modify(|n| *n = n.wrapping_add(1));
+            let up_to = published
+                .iter()
+                .filter(|(name, _)| l.events.is_empty() || l.events.contains(name))
+                .map(|(_, sequence)| *sequence)
+                .max();
+            if let Some(up_to) = up_to {
+                l.tx.send_modify(|p| p.up_to = p.up_to.max(up_to));
             }
             !l.tx.is_closed()
         });

@@ -14,24 +14,26 @@ use crate::schema::colony_outbox;
 use crate::trace::TraceContext;
 
 thread_local! {
-    static PUBLISHED: std::cell::RefCell<Vec<&'static str>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PUBLISHED: std::cell::RefCell<Vec<(&'static str, i64)>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The names of the events this thread has published since the last call, each
-/// once, committed or not; the list is emptied. Database work runs synchronously
-/// on one thread, so a caller that takes the list before a transaction and again
-/// after its commit learns what that transaction published (and which outbox
-/// readers to wake). Left over from a rolled-back transaction, a name costs only a
-/// needless wake-up; the list never holds more than the distinct names.
-pub fn take_published() -> Vec<&'static str> {
+/// The events this thread has published since the last call, committed or not:
+/// each name once, with the highest sequence number it got; the list is emptied.
+/// Database work runs synchronously on one thread, so a caller that takes the list
+/// before a transaction and again after its commit learns what that transaction
+/// published (and which outbox readers to wake). Left over from a rolled-back
+/// transaction, an entry costs only a needless wake-up; the list never holds more
+/// than the distinct names.
+pub fn take_published() -> Vec<(&'static str, i64)> {
     PUBLISHED.with(|names| std::mem::take(&mut *names.borrow_mut()))
 }
 
-fn note_published(name: &'static str) {
+fn note_published(name: &'static str, sequence: i64) {
     PUBLISHED.with(|names| {
         let mut names = names.borrow_mut();
-        if !names.contains(&name) {
-            names.push(name);
+        match names.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, highest)) => *highest = (*highest).max(sequence),
+            None => names.push((name, sequence)),
         }
     });
 }
@@ -99,7 +101,6 @@ impl Publisher {
             traceparent: self.trace.map(|t| t.to_string()),
             payload,
         };
-        note_published(E::NAME);
         match conn {
             AnyConnection::Postgresql(c) => {
                 envelope.sequence = AppendPg(&OutboxRow::from_envelope(&envelope)).get_result(c)?;
@@ -111,6 +112,7 @@ impl Publisher {
                     .execute(conn)?;
             }
         }
+        note_published(E::NAME, envelope.sequence);
         Ok(envelope)
     }
 }

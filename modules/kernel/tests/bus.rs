@@ -882,16 +882,24 @@ async fn commits_wake_only_readers_of_their_events(test_db: TestDatabase) {
     assert!(!everything.has_changed().unwrap());
 
     let p = publisher.clone();
-    s.producer
+    let (thing, noise) = s
+        .producer
         .write(move |conn| {
-            p.publish(conn, "k1", &NoiseHappened { n: 2 })?;
-            Ok::<_, DbError>(p.publish(conn, "k1", &ThingHappened { n: 3 })?)
+            let thing = p.publish(conn, "k1", &ThingHappened { n: 2 })?;
+            let noise = p.publish(conn, "k1", &NoiseHappened { n: 3 })?;
+            Ok::<_, DbError>((thing, noise))
         })
         .await
         .unwrap();
     assert!(things.has_changed().unwrap(), "the reader of things slept");
     assert!(everything.has_changed().unwrap());
-    things.borrow_and_update();
+    // Each reader learns the highest number of the events it reads.
+    assert_eq!(things.borrow_and_update().up_to, thing.sequence);
+    assert_eq!(any_name.borrow_and_update().up_to, noise.sequence);
+    // A commit that does not say what it published wakes every reader.
+    s.producer.notify_committed();
+    let told = *things.borrow_and_update();
+    assert_eq!((told.up_to, told.unknown), (thing.sequence, 1));
 
     // A rolled-back transaction wakes nobody, and the next commit does not
     // announce its events either.
@@ -937,6 +945,7 @@ async fn a_consumer_passing_events_by_misses_none_it_wants(test_db: TestDatabase
             let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
             for i in 0..40_i64 {
                 let mut conn = producer.pool().get().unwrap();
+                kernel::outbox::take_published();
                 write_tx(&mut conn, |conn| {
                     for noise in 0..(i % 3) {
                         publisher.publish(conn, "noise", &NoiseHappened { n: noise })?;
@@ -952,7 +961,13 @@ async fn a_consumer_passing_events_by_misses_none_it_wants(test_db: TestDatabase
                     Ok::<_, diesel::result::Error>(())
                 })
                 .unwrap();
-                producer.notify_committed();
+                // Half the writers say what they published, as `Db::write` does;
+                // the others do not.
+                if w % 2 == 0 {
+                    producer.announce(&kernel::outbox::take_published());
+                } else {
+                    producer.notify_committed();
+                }
             }
         }));
     }

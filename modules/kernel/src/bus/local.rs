@@ -9,7 +9,7 @@ use diesel::prelude::*;
 use tokio::sync::watch;
 
 use super::{BoxFuture, BusError, Subscription, Transport};
-use crate::db::{AnyConnection, Db, DbError};
+use crate::db::{AnyConnection, Db, DbError, Published};
 use crate::envelope::Envelope;
 use crate::outbox;
 use crate::schema::colony_consumer_positions as positions;
@@ -52,6 +52,8 @@ impl Transport for LocalTransport {
             source: db.clone(),
             commits: db.publications(),
             wanted: db.publications_of(&[]),
+            signalled: false,
+            unknown_seen: 0,
             known_position: None,
             passed_to: 0,
             passed_since: None,
@@ -79,7 +81,12 @@ struct LocalSubscription {
     /// Changes with every commit that published.
     commits: watch::Receiver<u64>,
     /// Changes with the commits that published an event this consumer acts on.
-    wanted: watch::Receiver<u64>,
+    wanted: watch::Receiver<Published>,
+    /// Whether the last wait ended with such a commit (not a timeout or another
+    /// event's commit).
+    signalled: bool,
+    /// `Published::unknown` as last read.
+    unknown_seen: u64,
     /// The position as this process last read or wrote it; it never moves back.
     known_position: Option<i64>,
     /// Everything through this number is settled and of no interest to this
@@ -92,6 +99,17 @@ struct LocalSubscription {
 }
 
 impl LocalSubscription {
+    /// With nothing wanted new: whether the pass may still be skipped. The stored
+    /// position (what lag figures read) trails the events passed by by at most
+    /// about `CATCH_UP`: then a pass runs and writes it.
+    fn caught_up(&mut self, known: i64) -> bool {
+        if self.passed_to > known {
+            let since = *self.passed_since.get_or_insert_with(Instant::now);
+            return since.elapsed() < CATCH_UP;
+        }
+        true
+    }
+
     /// Stores this consumer's position (in the pass's transaction).
     fn write_position(&self, conn: &mut AnyConnection, position: i64) -> Result<(), BusError> {
         diesel::update(positions::table.find((self.consumer.as_str(), self.source.module())))
@@ -142,23 +160,28 @@ impl Subscription for LocalSubscription {
         // in between are read by the pass that follows, or by a poll.
         let at_gap = self.gaps.waiting();
         Box::pin(async move {
+            self.signalled = false;
             if !at_gap {
                 self.commits.borrow_and_update();
-                return matches!(
+                self.signalled = matches!(
                     tokio::time::timeout(timeout, self.wanted.changed()).await,
                     Ok(Ok(()))
                 );
+                return self.signalled;
             }
             let woken = async {
                 tokio::select! {
-                    r = self.commits.changed() => r,
-                    r = self.wanted.changed() => r,
+                    r = self.commits.changed() => r.map(|()| false),
+                    r = self.wanted.changed() => r.map(|()| true),
                 }
             };
-            matches!(
-                tokio::time::timeout(timeout.min(GAP_RECHECK), woken).await,
-                Ok(Ok(()))
-            )
+            match tokio::time::timeout(timeout.min(GAP_RECHECK), woken).await {
+                Ok(Ok(wanted)) => {
+                    self.signalled = wanted;
+                    true
+                }
+                _ => false,
+            }
         })
     }
 
@@ -170,6 +193,19 @@ impl Subscription for LocalSubscription {
         let Some(known) = self.known_position else {
             return Ok(false);
         };
+        if std::mem::take(&mut self.signalled) {
+            // Woken by this process's commits of wanted events: their numbers say
+            // whether any is new, without a read. (Another process's commits wake
+            // no one here; polls read for those.)
+            let told = *self.wanted.borrow_and_update();
+            if told.unknown == self.unknown_seen {
+                if told.up_to > known.max(self.passed_to) {
+                    return Ok(false);
+                }
+                return Ok(self.caught_up(known));
+            }
+            self.unknown_seen = told.unknown;
+        }
         let mut source_conn = self.source.pool().get().map_err(DbError::from)?;
         let mut after = known.max(self.passed_to);
         loop {
@@ -192,13 +228,7 @@ impl Subscription for LocalSubscription {
                 break;
             }
         }
-        // The stored position (what lag figures read) trails by at most about
-        // `CATCH_UP`: then a pass runs and writes it.
-        if self.passed_to > known {
-            let since = *self.passed_since.get_or_insert_with(Instant::now);
-            return Ok(since.elapsed() < CATCH_UP);
-        }
-        Ok(true)
+        Ok(self.caught_up(known))
     }
 
     fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError> {
