@@ -13,7 +13,9 @@
 //! server, so every figure is a lower bound of what the server alone would do.
 //!
 //! Run: `cargo bench --bench marketplace -- [--backend sqlite|postgres|both]
-//! [--seconds S] [--clients N]`. PostgreSQL comes from `COLONY_TEST_DATABASE_URL`.
+//! [--seconds S] [--clients N] [--pace R]`. PostgreSQL comes from
+//! `COLONY_TEST_DATABASE_URL`. `--pace` runs (c) at R placements/s instead of half
+//! of (b), to compare builds at the same load.
 //! Targets are printed as PASS/MISS, never asserted.
 
 mod support;
@@ -37,6 +39,8 @@ struct Args {
     backends: Vec<&'static str>,
     seconds: f64,
     clients: usize,
+    /// (c)'s rate, if not half of (b).
+    pace: Option<f64>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -44,6 +48,7 @@ fn parse_args() -> Result<Args> {
         backends: vec!["sqlite", "postgres"],
         seconds: 5.0,
         clients: 32,
+        pace: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -58,6 +63,7 @@ fn parse_args() -> Result<Args> {
             }
             "--seconds" => args.seconds = it.next().context("--seconds S")?.parse()?,
             "--clients" => args.clients = it.next().context("--clients N")?.parse()?,
+            "--pace" => args.pace = Some(it.next().context("--pace R")?.parse()?),
             // Passed by `cargo bench`.
             "--bench" => {}
             other => bail!("unknown argument {other:?}"),
@@ -193,7 +199,7 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
     );
 
     // (c) latency at half of (b)'s rate.
-    let pace = (rate_b / 2.0).max(1.0);
+    let pace = args.pace.unwrap_or(rate_b / 2.0).max(1.0);
     let count = ((pace * args.seconds) as usize).max(50);
     let customers = fill_carts(&rig, &stock_product, "c", count, args.clients).await?;
     // What (b) and the carts' filling left behind is done first.

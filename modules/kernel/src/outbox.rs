@@ -168,10 +168,10 @@ impl QueryFragment<Pg> for AppendPg<'_> {
 
 /// The next sequence of this module's outbox, on SQLite.
 ///
-/// PostgreSQL bumps the one-row head instead (`AppendPg`), whose row lock then
-/// orders concurrent publishers by commit. SQLite's write transactions (`BEGIN
-/// IMMEDIATE`) are serialised already, so the largest sequence plus one is safe
-/// and writes no page besides the new row's. (Outbox pruning must therefore keep
+/// PostgreSQL takes numbers from a sequence instead (`AppendPg`), and readers wait
+/// at gaps (`Gaps`). SQLite's write transactions (`BEGIN IMMEDIATE`) are
+/// serialised already, so the largest sequence plus one is safe and writes no page
+/// besides the new row's. (Outbox pruning must therefore keep
 /// the newest row.)
 fn next_sequence(conn: &mut AnyConnection) -> QueryResult<i64> {
     colony_outbox::table
