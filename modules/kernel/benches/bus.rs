@@ -36,7 +36,7 @@ use kernel::bus::{
 use kernel::db::{self, Backend, Location, PoolOptions, write_tx};
 use kernel::metrics::Metrics;
 use kernel::migrate::{self, Migrations};
-use kernel::outbox::Publisher;
+use kernel::outbox::{self, Publisher};
 use kernel::testing::{POSTGRES_ENV, TestDatabase};
 use kernel::{AnyConnection, Db, Envelope};
 use serde::{Deserialize, Serialize};
@@ -464,12 +464,14 @@ impl BusRig {
                     note: note.clone(),
                 };
                 let mut conn = db.pool().get()?;
+                // As `Db::write` does: the commit tells the consumer what it published.
+                outbox::take_published();
                 let envelope = write_tx(&mut conn, |conn| {
                     publisher.publish(conn, &format!("k{}", n % KEYS), &event)
                 })?;
                 commits.push(Instant::now());
                 drop(conn);
-                db.notify_committed();
+                db.announce(&outbox::take_published());
                 if envelope.sequence != n {
                     bail!("event {n} got sequence {}", envelope.sequence);
                 }
