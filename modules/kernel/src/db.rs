@@ -301,6 +301,7 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
 const AUTOCHECKPOINT_PAGES: u32 = 1_000;
 
 pub type DbPool = Pool<ModuleConnector>;
+pub type PooledConn = PooledConnection<ModuleConnector>;
 
 /// A reader of the outbox that wakes for some events only.
 struct Listener {
@@ -318,7 +319,6 @@ pub struct Published {
     /// (`Db::notify_committed`): after one, only a read of the outbox can tell.
     pub unknown: u64,
 }
-pub type PooledConn = PooledConnection<ModuleConnector>;
 
 /// A module's handle on its own database: the pool plus the signals that wake
 /// readers of its outbox when a transaction that published commits.

@@ -171,8 +171,7 @@ impl QueryFragment<Pg> for AppendPg<'_> {
 /// PostgreSQL takes numbers from a sequence instead (`AppendPg`), and readers wait
 /// at gaps (`Gaps`). SQLite's write transactions (`BEGIN IMMEDIATE`) are
 /// serialised already, so the largest sequence plus one is safe and writes no page
-/// besides the new row's. (Outbox pruning must therefore keep
-/// the newest row.)
+/// besides the new row's. (Outbox pruning must therefore keep the newest row.)
 fn next_sequence(conn: &mut AnyConnection) -> QueryResult<i64> {
     colony_outbox::table
         .select(diesel::dsl::max(colony_outbox::sequence))

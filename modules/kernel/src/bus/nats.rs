@@ -356,10 +356,10 @@ impl NatsSubscription {
     }
 
     /// Takes what is there; when nothing is, waits up to `timeout` for one message,
-    /// then takes what arrived with it. (Asking first keeps a second request off the
-    /// path of an event that is already there. The wait asks for one message only:
-    /// a pending request for more would outlive this call and take messages no one
-    /// reads until their ack wait runs out.)
+    /// then takes what arrived with it, if the server said more were pending. (Asking
+    /// first keeps a second request off the path of an event that is already there.
+    /// The wait asks for one message only: a pending request for more would outlive
+    /// this call and take messages no one reads until their ack wait runs out.)
     async fn receive(&mut self, timeout: Duration) -> Result<(), BusError> {
         let consumer = self.consumer().await?;
         self.take_ready(&consumer, 256).await?;
@@ -373,12 +373,17 @@ impl NatsSubscription {
             .messages()
             .await
             .map_err(transport_error)?;
+        // Unknown (no metadata): assume more.
+        let mut pending = 1;
         while let Some(message) = first.next().await {
-            self.keep(message.map_err(transport_error)?);
+            let message = message.map_err(transport_error)?;
+            pending = message.info().map_or(1, |info| info.pending);
+            self.keep(message);
         }
-        if !self.buffer.is_empty() {
+        if !self.buffer.is_empty() && pending > 0 {
             // What was published with it (one transaction's events come together,
             // often one this consumer passes by first) joins it in the same pass.
+            // When the server had nothing more, that round trip is saved.
             self.take_ready(&consumer, 255).await?;
         }
         Ok(())
