@@ -10,8 +10,10 @@
 //! confirmed → shipment created) from the modules' outboxes, the sum of the
 //! resident memory of the shape's processes (idle and peak under load), their count,
 //! and their PostgreSQL connections. The added latency per hop is split minus
-//! monolith. Then the outbox relay's throughput against pipelined JetStream publishes
-//! of the same messages, both in this run.
+//! monolith. Both shapes run side by side, each idle while the other is measured,
+//! and their latency runs take turns, so that the machine's drift over the run
+//! weighs on both. Then the outbox relay's throughput against pipelined JetStream
+//! publishes of the same messages, both in this run.
 //!
 //! The load generator runs in this process, on the same two cores as the shape it
 //! loads. Targets are printed as PASS/MISS, never asserted.
@@ -97,8 +99,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mono = measure(Shape::Monolith, &args, &nats_url).await?;
-        let split = measure(Shape::Split, &args, &nats_url).await?;
+        let (mono, split) = measure(&args, &nats_url).await?;
         report(&mono, &split);
         relay_against_raw(&nats_url, args.relay_messages).await
     })
@@ -140,8 +141,59 @@ struct Latency {
 
 const LATENCY_RUNS: [&str; 2] = ["before the burst", "after the burst"];
 
+/// Latency runs per shape and phase, the shapes taking turns: machine drift between
+/// one shape's runs and the other's then weighs on both alike.
+const ROUNDS: usize = 2;
+
+/// One latency run's samples, in milliseconds: end to end, each hop, and the
+/// payment hop cut at the test gateway's ledger write.
+#[derive(Default)]
+struct Samples {
+    end_to_end: Vec<f64>,
+    hops: [Vec<f64>; 3],
+    charged: [Vec<f64>; 2],
+}
+
+impl Samples {
+    fn extend(&mut self, other: Samples) {
+        self.end_to_end.extend(other.end_to_end);
+        for (mine, theirs) in self.hops.iter_mut().zip(other.hops) {
+            mine.extend(theirs);
+        }
+        for (mine, theirs) in self.charged.iter_mut().zip(other.charged) {
+            mine.extend(theirs);
+        }
+    }
+
+    /// Prints the percentiles, and returns them.
+    fn summary(self, shape: Shape, args: &Args, phase: &str) -> Latency {
+        let runs = self.end_to_end.len();
+        let end_to_end = percentiles(self.end_to_end);
+        println!(
+            "{}: placement → confirmed at {}/s ({phase}, {runs} orders): p50 {:.2} ms, p99 {:.2} ms",
+            shape.name(),
+            args.pace,
+            end_to_end.p50,
+            end_to_end.p99
+        );
+        let hops: Vec<Percentiles> = self.hops.into_iter().map(percentiles).collect();
+        for (name, p) in HOPS.iter().zip(&hops) {
+            println!("  hop {name}: p50 {:.2} ms, p99 {:.2} ms", p.p50, p.p99);
+        }
+        let [to_charged, to_confirmed] = self.charged;
+        if !to_charged.is_empty() {
+            let (a, b) = (percentiles(to_charged), percentiles(to_confirmed));
+            println!(
+                "    of which reserved → charged: p50 {:.2} ms, p99 {:.2} ms; charged → confirmed: p50 {:.2} ms, p99 {:.2} ms",
+                a.p50, a.p99, b.p50, b.p99
+            );
+        }
+        Latency { end_to_end, hops }
+    }
+}
+
 /// Orders placed at `args.pace` for `args.seconds`, each saga timed from the outboxes.
-async fn latency_run(rig: &Rig, product: &str, args: &Args, phase: &str) -> Result<Latency> {
+async fn latency_run(rig: &Rig, product: &str, args: &Args, phase: &str) -> Result<Samples> {
     let count = ((args.pace * args.seconds) as usize).max(50);
     let customers = fill_carts(rig, product, phase, count, args.clients).await?;
     let placed = paced(rig, &customers, args.pace).await?;
@@ -151,33 +203,45 @@ async fn latency_run(rig: &Rig, product: &str, args: &Args, phase: &str) -> Resu
     let confirmed_at = marks(rig, "checkout", "checkout.order_confirmed.v1").await?;
     let shipped_at = shipped(rig, &placed).await?;
     let end_to_end = steps(&placed, &[&placed_at, &confirmed_at]).remove(0);
-    let hops = steps(
+    let hops: [Vec<f64>; 3] = steps(
         &placed,
         &[&placed_at, &reserved_at, &confirmed_at, &shipped_at],
-    );
+    )
+    .try_into()
+    .map_err(|_| anyhow::anyhow!("three hops expected"))?;
     if hops.iter().any(|h| h.len() != placed.len()) {
         bail!("some orders lack a saga event");
-    }
-    let end_to_end = percentiles(end_to_end);
-    println!(
-        "placement → confirmed at {}/s ({phase}): p50 {:.2} ms, p99 {:.2} ms",
-        args.pace, end_to_end.p50, end_to_end.p99
-    );
-    let hops: Vec<Percentiles> = hops.into_iter().map(percentiles).collect();
-    for (name, p) in HOPS.iter().zip(&hops) {
-        println!("  hop {name}: p50 {:.2} ms, p99 {:.2} ms", p.p50, p.p99);
     }
     // The payment hop cut at the test gateway's ledger write, for reading it.
     let charged_at = support::charged(rig).await?;
     let parts = steps(&placed, &[&reserved_at, &charged_at, &confirmed_at]);
-    if parts.iter().all(|p| p.len() == placed.len()) {
-        let parts: Vec<Percentiles> = parts.into_iter().map(percentiles).collect();
-        println!(
-            "    of which reserved → charged: p50 {:.2} ms, p99 {:.2} ms; charged → confirmed: p50 {:.2} ms, p99 {:.2} ms",
-            parts[0].p50, parts[0].p99, parts[1].p50, parts[1].p99
-        );
+    let charged = match <[Vec<f64>; 2]>::try_from(parts) {
+        Ok(parts) if parts.iter().all(|p| p.len() == placed.len()) => parts,
+        _ => Default::default(),
+    };
+    Ok(Samples {
+        end_to_end,
+        hops,
+        charged,
+    })
+}
+
+/// `ROUNDS` latency runs of each shape, taking turns, each on a quiet machine.
+async fn latency_rounds(shapes: [&Prepared; 2], args: &Args, phase: &str) -> Result<[Latency; 2]> {
+    let mut samples: [Samples; 2] = Default::default();
+    for round in 0..ROUNDS {
+        for (shape, pooled) in shapes.iter().zip(samples.iter_mut()) {
+            support::quiet().await;
+            let run =
+                latency_run(&shape.rig, &shape.product, args, &format!("{phase}{round}")).await?;
+            pooled.extend(run);
+        }
     }
-    Ok(Latency { end_to_end, hops })
+    let [a, b] = samples;
+    Ok([
+        a.summary(shapes[0].shape, args, phase),
+        b.summary(shapes[1].shape, args, phase),
+    ])
 }
 
 const HOPS: [&str; 3] = [
@@ -447,101 +511,166 @@ async fn pg_connections(db: &TestDatabase) -> Result<i64> {
     .await?
 }
 
-async fn measure(shape: Shape, args: &Args, nats_url: &str) -> Result<Figures> {
-    println!("\n[{}]", shape.name());
+/// A shape started on a fresh PostgreSQL database, with a product listed and its
+/// connection pools warm.
+struct Prepared {
+    shape: Shape,
+    running: Running,
+    rig: Rig,
+    product: String,
+    pids: Vec<u32>,
+    rss_idle_mib: f64,
+    // Dropped last: the shape's processes must have stopped first.
+    db: TestDatabase,
+}
+
+async fn prepare(shape: Shape, args: &Args, nats_url: &str) -> Result<Prepared> {
     let db = TestDatabase::postgres().context("PostgreSQL")?;
     let running = start(shape, &db, nats_url).await?;
-    let dbs = HashMap::from([
-        ("checkout", module_db(&db, "checkout")?),
-        ("catalog", module_db(&db, "catalog")?),
-        ("delivery", module_db(&db, "delivery")?),
-    ]);
-    let rig = Rig::new(running.base.clone(), SECRET, dbs)?;
-    let pids = running.pids();
-    let result = async {
+    let ready = async {
+        let dbs = HashMap::from([
+            ("checkout", module_db(&db, "checkout")?),
+            ("catalog", module_db(&db, "catalog")?),
+            ("delivery", module_db(&db, "delivery")?),
+        ]);
+        let rig = Rig::new(running.base.clone(), SECRET, dbs)?;
         let seller = rig.token("bench-seller", kernel::auth::Role::Seller);
         let product = create_product(&rig, &seller, "SPLIT-BENCH", 10_000_000).await?;
         // Let the processes warm up and settle before reading their idle memory.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss_idle = rss_mib(&pids);
-
+        let pids = running.pids();
+        let rss_idle_mib = rss_mib(&pids);
         // A second of orders at the same pace first, not measured: pools open their
         // connections as load arrives, and the first orders of a process pay for it
         // (more of them in the split, whose six processes each open their own).
-        let warm = fill_carts(&rig, &product, "warm", args.pace.ceil() as usize, args.clients)
-            .await?;
-        let warmed = paced(&rig, &warm, args.pace).await?;
-        settle(&rig, &warmed).await?;
-        support::quiet().await;
-
-        // Latency at a pace both shapes keep up with, before any burst.
-        let fresh = latency_run(&rig, &product, args, "fresh").await?;
-        support::quiet().await;
-
-        // Throughput, with resident memory sampled meanwhile.
-        let count = (args.seconds * 1_500.0) as usize;
-        let customers = fill_carts(&rig, &product, "t", count, args.clients).await?;
-        let peak = Arc::new(AtomicU64::new(0));
-        let sampling = Arc::new(AtomicBool::new(true));
-        let sampler = {
-            let (peak, sampling, pids) = (peak.clone(), sampling.clone(), pids.clone());
-            tokio::spawn(async move {
-                while sampling.load(Ordering::Relaxed) {
-                    let now = (rss_mib(&pids) * 1024.0) as u64;
-                    peak.fetch_max(now, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            })
-        };
-        let (placed, elapsed) = place_all(
+        let warm = fill_carts(
             &rig,
-            &customers,
+            &product,
+            "warm",
+            args.pace.ceil() as usize,
             args.clients,
-            Duration::from_secs_f64(args.seconds),
         )
         .await?;
-        let connections = pg_connections(&db).await?;
-        sampling.store(false, Ordering::Relaxed);
-        sampler.await?;
-        let placements_per_s = placed.len() as f64 / elapsed.as_secs_f64();
-        settle(&rig, &placed).await?;
-        let saga = support::saga_span(&rig, &placed).await?;
-        let saga_per_s = placed.len() as f64 / saga;
-        println!(
-            "placements/s at {} clients {placements_per_s:>8.0}   ({} placed; all confirmed {saga:.2} s after the first: {:.0} orders/s end to end)",
-            args.clients,
-            placed.len(),
-            placed.len() as f64 / saga
-        );
-
-        // Latency again, once the work the burst left behind (shipments,
-        // notifications) is done.
-        shipped(&rig, &placed).await?;
-        support::quiet().await;
-        let after = latency_run(&rig, &product, args, "after").await?;
-        let figures = Figures {
-            shape,
-            processes: pids.len(),
-            rss_idle_mib: rss_idle,
-            rss_peak_mib: peak.load(Ordering::Relaxed) as f64 / 1024.0,
-            pg_connections: connections,
-            placements_per_s,
-            saga_per_s,
-            latency: [fresh, after],
-        };
-        println!(
-            "{} processes, resident memory {:.0} MiB idle, {:.0} MiB at peak; {} PostgreSQL connections under load",
-            figures.processes, figures.rss_idle_mib, figures.rss_peak_mib, figures.pg_connections
-        );
-        Ok::<_, anyhow::Error>(figures)
+        let warmed = paced(&rig, &warm, args.pace).await?;
+        settle(&rig, &warmed).await?;
+        Ok::<_, anyhow::Error>((rig, product, pids, rss_idle_mib))
     }
     .await;
-    drop(rig);
-    if result.is_err() {
-        running.show_logs();
+    match ready {
+        Ok((rig, product, pids, rss_idle_mib)) => Ok(Prepared {
+            shape,
+            running,
+            rig,
+            product,
+            pids,
+            rss_idle_mib,
+            db,
+        }),
+        Err(e) => {
+            running.show_logs();
+            running.stop()?;
+            Err(e)
+        }
     }
-    running.stop()?;
-    result
+}
+
+/// Throughput: placements/s and the saga's rate, with resident memory sampled
+/// meanwhile and PostgreSQL connections counted at the end; returns once every
+/// order of the burst is shipped.
+async fn burst(shape: &Prepared, args: &Args) -> Result<(f64, f64, f64, i64)> {
+    println!("\n[{}]", shape.shape.name());
+    let rig = &shape.rig;
+    let count = (args.seconds * 1_500.0) as usize;
+    let customers = fill_carts(rig, &shape.product, "t", count, args.clients).await?;
+    let peak = Arc::new(AtomicU64::new(0));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling, pids) = (peak.clone(), sampling.clone(), shape.pids.clone());
+        tokio::spawn(async move {
+            while sampling.load(Ordering::Relaxed) {
+                let now = (rss_mib(&pids) * 1024.0) as u64;
+                peak.fetch_max(now, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    let (placed, elapsed) = place_all(
+        rig,
+        &customers,
+        args.clients,
+        Duration::from_secs_f64(args.seconds),
+    )
+    .await?;
+    let connections = pg_connections(&shape.db).await?;
+    sampling.store(false, Ordering::Relaxed);
+    sampler.await?;
+    let placements_per_s = placed.len() as f64 / elapsed.as_secs_f64();
+    settle(rig, &placed).await?;
+    let saga = support::saga_span(rig, &placed).await?;
+    let saga_per_s = placed.len() as f64 / saga;
+    println!(
+        "placements/s at {} clients {placements_per_s:>8.0}   ({} placed; all confirmed {saga:.2} s after the first: {saga_per_s:.0} orders/s end to end)",
+        args.clients,
+        placed.len(),
+    );
+    // What the burst left behind (shipments, notifications) is done before the
+    // latency runs that follow.
+    shipped(rig, &placed).await?;
+    let peak_mib = peak.load(Ordering::Relaxed) as f64 / 1024.0;
+    println!(
+        "{} processes, resident memory {:.0} MiB idle, {peak_mib:.0} MiB at peak; {connections} PostgreSQL connections under load",
+        shape.pids.len(),
+        shape.rss_idle_mib,
+    );
+    Ok((placements_per_s, saga_per_s, peak_mib, connections))
+}
+
+/// Both shapes, running side by side (each idle while the other is measured):
+/// latency runs taking turns, each shape's burst alone, latency runs again.
+async fn measure(args: &Args, nats_url: &str) -> Result<(Figures, Figures)> {
+    let mono = prepare(Shape::Monolith, args, nats_url).await?;
+    let split = match prepare(Shape::Split, args, nats_url).await {
+        Ok(split) => split,
+        Err(e) => {
+            mono.running.stop()?;
+            return Err(e);
+        }
+    };
+    let result = async {
+        println!("\n[latency before the burst: the shapes take turns, {ROUNDS} runs each]");
+        let fresh = latency_rounds([&mono, &split], args, "fresh").await?;
+        support::quiet().await;
+        let mono_burst = burst(&mono, args).await?;
+        support::quiet().await;
+        let split_burst = burst(&split, args).await?;
+        println!("\n[latency after the burst: the shapes take turns, {ROUNDS} runs each]");
+        let after = latency_rounds([&mono, &split], args, "after").await?;
+        let [mono_fresh, split_fresh] = fresh;
+        let [mono_after, split_after] = after;
+        let figures = |p: &Prepared, b: (f64, f64, f64, i64), latency: [Latency; 2]| Figures {
+            shape: p.shape,
+            processes: p.pids.len(),
+            rss_idle_mib: p.rss_idle_mib,
+            rss_peak_mib: b.2,
+            pg_connections: b.3,
+            placements_per_s: b.0,
+            saga_per_s: b.1,
+            latency,
+        };
+        Ok::<_, anyhow::Error>((
+            figures(&mono, mono_burst, [mono_fresh, mono_after]),
+            figures(&split, split_burst, [split_fresh, split_after]),
+        ))
+    }
+    .await;
+    if result.is_err() {
+        split.running.show_logs();
+    }
+    let stopped = (mono.running.stop(), split.running.stop());
+    let figures = result?;
+    stopped.0?;
+    stopped.1?;
+    Ok(figures)
 }
 
 /// Waits until delivery opened a shipment for each of `placed`; when each was opened.
