@@ -471,7 +471,7 @@ impl BusRig {
                 })?;
                 commits.push(Instant::now());
                 drop(conn);
-                db.announce(&outbox::take_published());
+                db.announce(outbox::take_published());
                 if envelope.sequence != n {
                     bail!("event {n} got sequence {}", envelope.sequence);
                 }

@@ -11,6 +11,9 @@ use diesel::r2d2::{self, ManageConnection, Pool, PooledConnection};
 use diesel::{Connection, PgConnection, SqliteConnection};
 use tokio::sync::watch;
 
+use crate::envelope::Envelope;
+use crate::outbox::Publications;
+
 /// One connection type for both backends; queries written once run on either.
 #[derive(diesel::MultiConnection)]
 pub enum AnyConnection {
@@ -303,6 +306,14 @@ const AUTOCHECKPOINT_PAGES: u32 = 1_000;
 pub type DbPool = Pool<ModuleConnector>;
 pub type PooledConn = PooledConnection<ModuleConnector>;
 
+/// Commits' envelopes waiting for the relay, at most; past that, it reads them.
+const HANDOFF_DEPTH: usize = 256;
+
+/// A panic while a lock was held leaves what it guards whole: keep using it.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A reader of the outbox that wakes for some events only.
 struct Listener {
     events: &'static [&'static str],
@@ -330,6 +341,10 @@ pub struct Db {
     published: watch::Sender<u64>,
     /// Readers woken only by commits that published one of the events they name.
     listeners: Arc<std::sync::Mutex<Vec<Listener>>>,
+    /// Where committed envelopes go to this module's relay, if one runs here.
+    relay: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Sender<Vec<Envelope>>>>>,
+    /// Publishing commits whose envelopes were not handed to a relay.
+    unhanded: Arc<std::sync::atomic::AtomicU64>,
     nudged: watch::Sender<u64>,
     /// SQLite has one writer per file: writers of this process queue here, in
     /// order, instead of in SQLite's busy handler, which sleeps up to 100 ms a try.
@@ -344,6 +359,8 @@ impl Db {
             pool,
             published: watch::Sender::new(0),
             listeners: Arc::default(),
+            relay: Arc::default(),
+            unhanded: Arc::default(),
             nudged: watch::Sender::new(0),
             writer: Arc::new(tokio::sync::Mutex::new(())),
         }
@@ -380,6 +397,8 @@ impl Db {
     /// Tells every reader that a transaction committed which may have published
     /// anything.
     pub fn notify_committed(&self) {
+        self.unhanded
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.published.send_modify(|n| *n = n.wrapping_add(1));
         self.lock_listeners().retain(|l| {
             l.tx.send_modify(|p| p.unknown = p.unknown.wrapping_add(1));
@@ -387,15 +406,27 @@ impl Db {
         });
     }
 
-    /// Tells readers that a transaction committed which published the events
-    /// named, with the highest sequence number of each (none: nobody is woken).
-    pub fn announce(&self, published: &[(&'static str, i64)]) {
+    /// Tells readers that a transaction committed which published `published`
+    /// (nothing: nobody is woken), and hands its envelopes to this module's relay
+    /// if one runs here — before the readers' signal, so that a relay woken by
+    /// it finds them waiting.
+    pub fn announce(&self, published: Publications) {
         if published.is_empty() {
             return;
+        }
+        let handed = published.complete
+            && !published.envelopes.is_empty()
+            && lock(&self.relay)
+                .as_ref()
+                .is_some_and(|relay| relay.try_send(published.envelopes).is_ok());
+        if !handed {
+            self.unhanded
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
         self.published.send_modify(|n| *n = n.wrapping_add(1));
         self.lock_listeners().retain(|l| {
             let up_to = published
+                .names
                 .iter()
                 .filter(|(name, _)| l.events.is_empty() || l.events.contains(name))
                 .map(|(_, sequence)| *sequence)
@@ -407,11 +438,29 @@ impl Db {
         });
     }
 
+    /// For this module's relay: the envelopes of its publishing commits, in commit
+    /// order, from now on (one relay per module and process).
+    pub fn relay_handoff(&self) -> tokio::sync::mpsc::Receiver<Vec<Envelope>> {
+        crate::outbox::keep_envelopes();
+        let (tx, rx) = tokio::sync::mpsc::channel(HANDOFF_DEPTH);
+        *lock(&self.relay) = Some(tx);
+        rx
+    }
+
+    /// Whether a relay in this process takes this module's committed envelopes.
+    pub fn relay_attached(&self) -> bool {
+        lock(&self.relay).as_ref().is_some_and(|tx| !tx.is_closed())
+    }
+
+    /// How many publishing commits have not handed their envelopes to a relay
+    /// (made before it ran, too many envelopes, its queue full, or commits that did
+    /// not say what they published): a relay reads the outbox when this moves.
+    pub fn unhanded(&self) -> u64 {
+        self.unhanded.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     fn lock_listeners(&self) -> std::sync::MutexGuard<'_, Vec<Listener>> {
-        // A panic while the list was held leaves it whole: keep using it.
-        self.listeners
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.listeners)
     }
 
     /// A receiver that changes when this module's own consumers have new work
@@ -448,7 +497,7 @@ impl Db {
                 Ok::<_, E>((value, crate::outbox::take_published()))
             })
             .await?;
-        self.announce(&published);
+        self.announce(published);
         Ok(value)
     }
 

@@ -14,26 +14,77 @@ use crate::schema::colony_outbox;
 use crate::trace::TraceContext;
 
 thread_local! {
-    static PUBLISHED: std::cell::RefCell<Vec<(&'static str, i64)>> = const { std::cell::RefCell::new(Vec::new()) };
+    static PUBLISHED: std::cell::RefCell<Publications> =
+        const { std::cell::RefCell::new(Publications::new()) };
 }
 
-/// The events this thread has published since the last call, committed or not:
-/// each name once, with the highest sequence number it got; the list is emptied.
-/// Database work runs synchronously on one thread, so a caller that takes the list
-/// before a transaction and again after its commit learns what that transaction
-/// published (and which outbox readers to wake). Left over from a rolled-back
-/// transaction, an entry costs only a needless wake-up; the list never holds more
-/// than the distinct names.
-pub fn take_published() -> Vec<(&'static str, i64)> {
-    PUBLISHED.with(|names| std::mem::take(&mut *names.borrow_mut()))
+/// Whether committed envelopes are handed to a relay in this process (set once one
+/// starts: `Db::relay_handoff`); otherwise only names and numbers are kept.
+static KEEP_ENVELOPES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Envelopes kept per transaction at most; a transaction that publishes more is
+/// left to the relay's read.
+const KEPT_AT_MOST: usize = 1_024;
+
+/// What a thread's transaction published: see `take_published`.
+#[derive(Debug)]
+pub struct Publications {
+    /// Each event name once, with the highest sequence number it got.
+    pub names: Vec<(&'static str, i64)>,
+    /// The envelopes, while a relay runs in this process; `complete` says whether
+    /// they are all there.
+    pub envelopes: Vec<Envelope>,
+    pub complete: bool,
 }
 
-fn note_published(name: &'static str, sequence: i64) {
-    PUBLISHED.with(|names| {
-        let mut names = names.borrow_mut();
-        match names.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, highest)) => *highest = (*highest).max(sequence),
-            None => names.push((name, sequence)),
+impl Publications {
+    const fn new() -> Self {
+        Self {
+            names: Vec::new(),
+            envelopes: Vec::new(),
+            complete: true,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+impl Default for Publications {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What this thread has published since the last call, committed or not; the
+/// record is emptied. Database work runs synchronously on one thread, so a caller
+/// that takes it before a transaction and again after its commit learns what that
+/// transaction published (which outbox readers to wake, what to hand to a relay).
+/// Left over from a rolled-back transaction, an entry costs only a needless
+/// wake-up; names are kept once each, envelopes only while a relay runs and up to
+/// `KEPT_AT_MOST`.
+pub fn take_published() -> Publications {
+    PUBLISHED.with(|p| std::mem::take(&mut *p.borrow_mut()))
+}
+
+pub(crate) fn keep_envelopes() {
+    KEEP_ENVELOPES.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn note_published(name: &'static str, envelope: &Envelope) {
+    PUBLISHED.with(|p| {
+        let mut p = p.borrow_mut();
+        match p.names.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, highest)) => *highest = (*highest).max(envelope.sequence),
+            None => p.names.push((name, envelope.sequence)),
+        }
+        if KEEP_ENVELOPES.load(std::sync::atomic::Ordering::Relaxed) {
+            if p.envelopes.len() < KEPT_AT_MOST {
+                p.envelopes.push(envelope.clone());
+            } else {
+                p.complete = false;
+            }
         }
     });
 }
@@ -112,7 +163,7 @@ impl Publisher {
                     .execute(conn)?;
             }
         }
-        note_published(E::NAME, envelope.sequence);
+        note_published(E::NAME, &envelope);
         Ok(envelope)
     }
 }

@@ -964,7 +964,7 @@ async fn a_consumer_passing_events_by_misses_none_it_wants(test_db: TestDatabase
                 // Half the writers say what they published, as `Db::write` does;
                 // the others do not.
                 if w % 2 == 0 {
-                    producer.announce(&kernel::outbox::take_published());
+                    producer.announce(kernel::outbox::take_published());
                 } else {
                     producer.notify_committed();
                 }
@@ -1028,6 +1028,53 @@ async fn publish_concurrently(producer: &Db) {
     for w in writers {
         w.await.unwrap();
     }
+}
+
+/// Commits hand their envelopes to the relay, which publishes those that follow on
+/// from the last one without reading the outbox. Whether commits land in number
+/// order (SQLite) or not (PostgreSQL, where a later number may commit first and
+/// the relay must read), every event arrives once, in key order.
+async fn handed_over_events_arrive_once_in_key_order(test_db: TestDatabase) {
+    let s = setup_via(&test_db, Via::Nats).await;
+    let engine = engine(&s.consumer, Arc::new(Recorder::new("beta")), policy());
+    let (stop, stopped) = watch::channel(false);
+    let running =
+        tokio::spawn(engine.run(s.transport.subscribe("beta", "alpha").unwrap(), stopped));
+    let attached = eventually(Duration::from_secs(10), || s.producer.relay_attached()).await;
+    assert!(attached, "the relay never took the hand-over");
+    let before = s.producer.unhanded();
+    let mut writers = Vec::new();
+    for w in 0..6_i64 {
+        let producer = s.producer.clone();
+        writers.push(tokio::spawn(async move {
+            let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
+            for i in 0..40_i64 {
+                let p = publisher.clone();
+                producer
+                    .write(move |conn| {
+                        let event = ThingHappened { n: w * 1000 + i };
+                        p.publish(conn, &format!("writer{w}"), &event)?;
+                        // Some commits take longer, so later numbers overtake them.
+                        if (i + w) % 4 == 0 {
+                            std::thread::sleep(Duration::from_millis(2));
+                        }
+                        Ok::<_, DbError>(())
+                    })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        s.producer.unhanded(),
+        before,
+        "a commit did not hand its events over"
+    );
+    all_240_once_in_key_order(&s.consumer, stop, running).await;
+    s.teardown().await;
 }
 
 /// Two processes run the same consumer on one shared JetStream consumer: the lease
@@ -1153,6 +1200,26 @@ async fn concurrent_publishers_lose_nothing_and_keep_key_order_locally(test_db: 
 /// The scenarios that run the consumer's own loop, with NATS JetStream carrying the
 /// events (SQLite for the databases).
 mod nats {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handed_over_events_arrive_once_in_key_order() {
+        if super::nats_available() {
+            super::handed_over_events_arrive_once_in_key_order(super::TestDatabase::sqlite()).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn handed_over_events_arrive_once_in_key_order_on_postgres() {
+        if super::nats_available() {
+            match super::TestDatabase::postgres() {
+                Some(db) => super::handed_over_events_arrive_once_in_key_order(db).await,
+                None => eprintln!(
+                    "skipped: {} is not set",
+                    super::kernel::testing::POSTGRES_ENV
+                ),
+            }
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn undelivered_events_are_delivered_after_a_restart() {
         if super::nats_available() {

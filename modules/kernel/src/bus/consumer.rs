@@ -145,7 +145,7 @@ impl ConsumerEngine {
         if report.handled > 0 {
             // Committed: wake this module's own waiters as any other writer would
             // (its outbox readers only if the handlers published).
-            self.db.announce(&crate::outbox::take_published());
+            self.db.announce(crate::outbox::take_published());
         }
         Ok(report)
     }

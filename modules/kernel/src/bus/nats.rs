@@ -111,33 +111,122 @@ impl NatsTransport {
     /// messages the server acknowledged, is written by a task of its own so the next
     /// read and publish never wait for it. After a failure the relay starts again at
     /// the written position (the server drops the duplicates).
+    ///
+    /// The commits of this process hand their envelopes over (`Db::relay_handoff`):
+    /// those that follow on from the last one published go out without a read of
+    /// the outbox. Anything else — a number not yet seen before them, a commit that
+    /// handed nothing over, a poll — makes the relay read.
     pub async fn relay(&self, db: Db, poll: Duration, mut shutdown: watch::Receiver<bool>) {
         let source = db.module();
         let (acked, acked_seen) = watch::channel(None::<i64>);
         let keeper = tokio::spawn(keep_position(db.clone(), acked_seen));
         let mut commits = db.publications();
+        let mut handed = db.relay_handoff();
+        let mut unhanded_seen = db.unhanded();
         let mut cursor = None;
         let mut gaps = outbox::Gaps::default();
+        let mut read = true;
+        let mut wait = poll;
         while !*shutdown.borrow() {
-            let wait = match self.relay_round(&db, &mut cursor, &mut gaps, &acked).await {
-                Ok(n) if n >= usize::try_from(RELAY_BATCH).unwrap_or(usize::MAX) => continue,
-                // Stopped at a gap: see `LocalSubscription::wait`.
-                Ok(_) if gaps.waiting() => super::local::GAP_RECHECK.min(poll),
-                Ok(_) => poll,
-                Err(e) => {
-                    tracing::warn!(module = source, error = %e, "outbox relay failed; retrying");
-                    cursor = None;
-                    Duration::from_millis(500).min(poll)
-                }
-            };
+            if read {
+                wait = match self.relay_round(&db, &mut cursor, &mut gaps, &acked).await {
+                    Ok(n) if n >= usize::try_from(RELAY_BATCH).unwrap_or(usize::MAX) => continue,
+                    // Stopped at a gap: see `LocalSubscription::wait`.
+                    Ok(_) if gaps.waiting() => super::local::GAP_RECHECK.min(poll),
+                    Ok(_) => poll,
+                    Err(e) => {
+                        tracing::warn!(module = source, error = %e, "outbox relay failed; retrying");
+                        cursor = None;
+                        Duration::from_millis(500).min(poll)
+                    }
+                };
+                read = false;
+            }
             tokio::select! {
-                _ = commits.changed() => {}
-                () = tokio::time::sleep(wait) => {}
+                biased;
                 _ = shutdown.changed() => {}
+                Some(envelopes) = handed.recv() => {
+                    match self.relay_handed(envelopes, &mut cursor, &acked).await {
+                        Ok(true) => {}
+                        Ok(false) => read = true,
+                        Err(e) => {
+                            tracing::warn!(module = source, error = %e, "outbox relay failed; retrying");
+                            cursor = None;
+                            read = true;
+                        }
+                    }
+                }
+                _ = commits.changed() => {
+                    // Handed-over envelopes come first (`biased`): a commit that
+                    // handed over is already dealt with.
+                    let unhanded = db.unhanded();
+                    if unhanded != unhanded_seen || cursor.is_none() || gaps.waiting() {
+                        unhanded_seen = unhanded;
+                        read = true;
+                    }
+                }
+                () = tokio::time::sleep(wait) => read = true,
             }
         }
         drop(acked);
         let _ = keeper.await;
+    }
+
+    /// Publishes the envelopes a commit handed over, in sequence order, as long as
+    /// each follows on from `cursor`; then waits for their acknowledgements.
+    /// `false`: some did not follow on, and a read must find what lies between.
+    async fn relay_handed(
+        &self,
+        mut envelopes: Vec<Envelope>,
+        cursor: &mut Option<i64>,
+        acked: &watch::Sender<Option<i64>>,
+    ) -> Result<bool, BusError> {
+        let Some(mut at) = *cursor else {
+            return Ok(false);
+        };
+        envelopes.sort_by_key(|e| e.sequence);
+        let mut window = VecDeque::new();
+        let mut followed_on = true;
+        for envelope in envelopes {
+            if envelope.sequence <= at {
+                // Published already, by a read.
+                continue;
+            }
+            if envelope.sequence != at + 1 {
+                followed_on = false;
+                break;
+            }
+            self.publish_envelope(&envelope, &mut window, acked).await?;
+            at = envelope.sequence;
+            *cursor = Some(at);
+        }
+        while !window.is_empty() {
+            settle_oldest(&mut window, acked).await?;
+        }
+        Ok(followed_on)
+    }
+
+    /// Publishes one envelope, its id as `Nats-Msg-Id`, keeping at most
+    /// `MAX_IN_FLIGHT` acknowledgements outstanding.
+    async fn publish_envelope(
+        &self,
+        envelope: &Envelope,
+        window: &mut VecDeque<(i64, jetstream::context::PublishAckFuture)>,
+        acked: &watch::Sender<Option<i64>>,
+    ) -> Result<(), BusError> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", envelope.event_id.to_string().as_str());
+        let payload = serde_json::to_vec(envelope).map_err(|e| BusError::Corrupt(e.to_string()))?;
+        let ack = self
+            .js
+            .publish_with_headers(subject(&self.prefix, envelope), headers, payload.into())
+            .await
+            .map_err(transport_error)?;
+        window.push_back((envelope.sequence, ack));
+        if window.len() > MAX_IN_FLIGHT {
+            settle_oldest(window, acked).await?;
+        }
+        Ok(())
     }
 
     /// Reads and publishes what follows `cursor` until a read comes back short, then
@@ -173,20 +262,8 @@ impl NatsTransport {
             let read = rows.len();
             for row in rows {
                 let envelope = row.map_err(BusError::Corrupt)?;
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", envelope.event_id.to_string().as_str());
-                let payload =
-                    serde_json::to_vec(&envelope).map_err(|e| BusError::Corrupt(e.to_string()))?;
-                let ack = self
-                    .js
-                    .publish_with_headers(subject(&self.prefix, &envelope), headers, payload.into())
-                    .await
-                    .map_err(transport_error)?;
+                self.publish_envelope(&envelope, &mut window, acked).await?;
                 *cursor = Some(envelope.sequence);
-                window.push_back((envelope.sequence, ack));
-                if window.len() > MAX_IN_FLIGHT {
-                    settle_oldest(&mut window, acked).await?;
-                }
             }
             if read < batch {
                 while !window.is_empty() {
