@@ -23,8 +23,9 @@ thread_local! {
 static KEEP_ENVELOPES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Envelopes kept per transaction at most; a transaction that publishes more is
-/// left to the relay's read.
-const KEPT_AT_MOST: usize = 1_024;
+/// left to the relay's read. (With the relay's queue of 256 commits, this bounds
+/// what waits in memory while the relay cannot publish.)
+const KEPT_AT_MOST: usize = 64;
 
 /// What a thread's transaction published: see `take_published`.
 #[derive(Debug)]
