@@ -69,6 +69,20 @@ pub fn take_published() -> Publications {
     PUBLISHED.with(|p| std::mem::take(&mut *p.borrow_mut()))
 }
 
+/// Work of this thread's transaction was rolled back (to a savepoint, or the whole
+/// transaction before it runs again): the envelopes kept so far may include events
+/// that will never commit, or whose numbers are taken again. None of this
+/// transaction's envelopes is handed to a relay, which reads the outbox instead.
+/// Whoever rolls back to a savepoint in a transaction that may have published calls
+/// this (the consumer engine does).
+pub fn forget_kept() {
+    PUBLISHED.with(|p| {
+        let mut p = p.borrow_mut();
+        p.envelopes.clear();
+        p.complete = false;
+    });
+}
+
 pub(crate) fn keep_envelopes() {
     KEEP_ENVELOPES.store(true, std::sync::atomic::Ordering::Relaxed);
 }
@@ -128,6 +142,10 @@ impl Publisher {
     /// must therefore publish about an aggregate only while it holds that aggregate's
     /// row lock (or has just created it), so that of two transactions publishing
     /// about the same aggregate the one that commits first also published first.
+    ///
+    /// A transaction that rolls back to a savepoint after publishing must call
+    /// `forget_kept`, or a relay in this process could be handed the rolled-back
+    /// events as committed.
     pub fn publish<E: Event>(
         &self,
         conn: &mut AnyConnection,

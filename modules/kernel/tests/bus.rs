@@ -1077,6 +1077,131 @@ async fn handed_over_events_arrive_once_in_key_order(test_db: TestDatabase) {
     s.teardown().await;
 }
 
+/// Published by beta's handler for each alpha event it handles.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Echoed {
+    n: i64,
+}
+
+impl contracts::Event for Echoed {
+    const NAME: &'static str = "beta.echoed.v1";
+}
+
+/// Publishes an `Echoed` for each event, then fails on `fail_on` (so that what it
+/// published there is rolled back).
+struct Echo {
+    fail_on: i64,
+}
+
+impl EventHandler for Echo {
+    fn handle(&self, conn: &mut AnyConnection, event: &Envelope) -> Result<(), HandlerError> {
+        let n = event.decode::<ThingHappened>().unwrap()?.n;
+        Publisher::caused_by("beta", event).publish(conn, &event.aggregate_id, &Echoed { n })?;
+        if n == self.fail_on {
+            return Err(HandlerError::Permanent("echo refused".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A consumer whose handler publishes, then fails on one event of a batch: the
+/// batch is rolled back and run again event by event, and the failed event's
+/// savepoint rolls back too. What that rolled-back work published must never reach
+/// the consumer module's own relay as if committed: JetStream ends up holding
+/// exactly the committed events of beta's outbox, no more, no fewer.
+async fn rolled_back_events_are_never_relayed(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    let url = std::env::var(NATS_ENV).unwrap();
+    let prefix = format!("t{}", Uuid::now_v7().simple());
+    let nats = Arc::new(nats_process(&prefix).await);
+    nats.ensure_stream("beta").await.unwrap();
+    let (stop_relay, relay_stopped) = watch::channel(false);
+    let relay = {
+        let (nats, db) = (nats.clone(), s.consumer.clone());
+        tokio::spawn(async move {
+            nats.relay(db, Duration::from_millis(100), relay_stopped)
+                .await
+        })
+    };
+    let attached = eventually(Duration::from_secs(10), || s.consumer.relay_attached()).await;
+    assert!(attached, "the relay never took the hand-over");
+    let js = async_nats::jetstream::new(async_nats::connect(&url).await.unwrap());
+    let mut stream = js
+        .get_stream(kernel::bus::nats::stream_name(&prefix, "beta"))
+        .await
+        .unwrap();
+    let consumer = Consumer {
+        name: "beta",
+        source: "alpha",
+        events: &[],
+        handler: Arc::new(Echo { fail_on: 5 }),
+    };
+    let engine = ConsumerEngine::new(
+        consumer,
+        s.consumer.clone(),
+        policy(),
+        Arc::new(Metrics::default()),
+    );
+    let (stop, stopped) = watch::channel(false);
+    let running =
+        tokio::spawn(engine.run(s.transport.subscribe("beta", "alpha").unwrap(), stopped));
+    let publish_things = |numbers: std::ops::RangeInclusive<i64>| {
+        let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
+        s.producer.write(move |conn| {
+            for n in numbers {
+                publisher.publish(conn, &format!("k{n}"), &ThingHappened { n })?;
+            }
+            Ok::<_, DbError>(())
+        })
+    };
+    // A first echo, relayed: the relay is caught up, and takes what commits hand it.
+    publish_things(0..=0).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream.info().await.unwrap().state.messages < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Ten more in one commit: one pass takes them all, and fails on the fifth.
+    publish_things(1..=10).await.unwrap();
+
+    let outbox_ids = || -> HashSet<Uuid> {
+        let mut conn = s.consumer.pool().get().unwrap();
+        outbox::read_after(&mut conn, "beta", 0, 1_000)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.unwrap().event_id)
+            .collect()
+    };
+    let committed = eventually(Duration::from_secs(10), || outbox_ids().len() == 10).await;
+    assert!(
+        committed,
+        "beta committed {} echoes, not 10",
+        outbox_ids().len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stream.info().await.unwrap().state.messages < 10 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Anything relayed wrongly would have arrived by now too.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stored = stream.info().await.unwrap().state.messages;
+    let mut relayed = HashSet::new();
+    for sequence in 1..=stored {
+        let message = stream.get_raw_message(sequence).await.unwrap();
+        let envelope: Envelope = serde_json::from_slice(&message.payload).unwrap();
+        relayed.insert(envelope.event_id);
+    }
+    stop.send(true).unwrap();
+    running.await.unwrap();
+    let _ = stop_relay.send(true);
+    relay.await.unwrap();
+    let _ = nats.delete_stream("beta").await;
+    assert_eq!(
+        relayed,
+        outbox_ids(),
+        "JetStream holds other events than beta committed"
+    );
+}
+
 /// Two processes run the same consumer on one shared JetStream consumer: the lease
 /// lets one handle at a time, so keys keep their order and nothing is handled twice.
 async fn replicas_of_a_consumer_keep_key_order(test_db: TestDatabase) {
@@ -1200,6 +1325,26 @@ async fn concurrent_publishers_lose_nothing_and_keep_key_order_locally(test_db: 
 /// The scenarios that run the consumer's own loop, with NATS JetStream carrying the
 /// events (SQLite for the databases).
 mod nats {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rolled_back_events_are_never_relayed() {
+        if super::nats_available() {
+            super::rolled_back_events_are_never_relayed(super::TestDatabase::sqlite()).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn rolled_back_events_are_never_relayed_on_postgres() {
+        if super::nats_available() {
+            match super::TestDatabase::postgres() {
+                Some(db) => super::rolled_back_events_are_never_relayed(db).await,
+                None => eprintln!(
+                    "skipped: {} is not set",
+                    super::kernel::testing::POSTGRES_ENV
+                ),
+            }
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn handed_over_events_arrive_once_in_key_order() {
         if super::nats_available() {

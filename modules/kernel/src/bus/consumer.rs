@@ -133,6 +133,8 @@ impl ConsumerEngine {
         crate::outbox::take_published();
         let report = match self.pass_as(conn, sub, now, Mode::Whole) {
             Err(PassError::Rerun(failed)) => {
+                // What the rolled-back run published never committed.
+                crate::outbox::forget_kept();
                 sub.rewind();
                 self.pass_as(conn, sub, now, Mode::EventByEvent(failed))
             }
@@ -352,8 +354,10 @@ impl ConsumerEngine {
             Ok(())
         });
         if result.is_err() {
-            // Its savepoint rolled back: what it meant to run after commit goes too.
+            // Its savepoint rolled back: what it meant to run after commit goes too,
+            // and what it published is not handed to a relay.
             crate::db::forget_after_commit(hooks);
+            crate::outbox::forget_kept();
         }
         match result {
             Ok(()) => Outcome::Handled,

@@ -245,8 +245,15 @@ impl NatsTransport {
             let after = match *cursor {
                 Some(at) => at,
                 None => {
-                    db.read(move |conn| outbox::relay_position(conn, source).map_err(DbError::from))
-                        .await?
+                    let at = db
+                        .read(move |conn| {
+                            outbox::relay_position(conn, source).map_err(DbError::from)
+                        })
+                        .await?;
+                    // Everything through it is published: handed-over envelopes
+                    // that follow on may go out from here.
+                    *cursor = Some(at);
+                    at
                 }
             };
             let mut seen = std::mem::take(gaps);
