@@ -1322,49 +1322,44 @@ async fn concurrent_publishers_lose_nothing_and_keep_key_order_locally(test_db: 
     concurrent_publishers_lose_nothing_and_keep_key_order(test_db, Via::Local).await;
 }
 
+/// Scenarios with NATS JetStream carrying the events, on both backends.
+macro_rules! with_nats_on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod nats_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    if super::nats_available() {
+                        super::$scenario(super::TestDatabase::sqlite()).await;
+                    }
+                }
+            )*
+        }
+        mod nats_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    if !super::nats_available() {
+                        return;
+                    }
+                    match super::TestDatabase::postgres() {
+                        Some(db) => super::$scenario(db).await,
+                        None => eprintln!("skipped: {} is not set", super::kernel::testing::POSTGRES_ENV),
+                    }
+                }
+            )*
+        }
+    };
+}
+
+with_nats_on_both_backends!(
+    rolled_back_events_are_never_relayed,
+    handed_over_events_arrive_once_in_key_order,
+);
+
 /// The scenarios that run the consumer's own loop, with NATS JetStream carrying the
 /// events (SQLite for the databases).
 mod nats {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn rolled_back_events_are_never_relayed() {
-        if super::nats_available() {
-            super::rolled_back_events_are_never_relayed(super::TestDatabase::sqlite()).await;
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn rolled_back_events_are_never_relayed_on_postgres() {
-        if super::nats_available() {
-            match super::TestDatabase::postgres() {
-                Some(db) => super::rolled_back_events_are_never_relayed(db).await,
-                None => eprintln!(
-                    "skipped: {} is not set",
-                    super::kernel::testing::POSTGRES_ENV
-                ),
-            }
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn handed_over_events_arrive_once_in_key_order() {
-        if super::nats_available() {
-            super::handed_over_events_arrive_once_in_key_order(super::TestDatabase::sqlite()).await;
-        }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn handed_over_events_arrive_once_in_key_order_on_postgres() {
-        if super::nats_available() {
-            match super::TestDatabase::postgres() {
-                Some(db) => super::handed_over_events_arrive_once_in_key_order(db).await,
-                None => eprintln!(
-                    "skipped: {} is not set",
-                    super::kernel::testing::POSTGRES_ENV
-                ),
-            }
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn undelivered_events_are_delivered_after_a_restart() {
         if super::nats_available() {
