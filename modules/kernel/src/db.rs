@@ -390,7 +390,7 @@ impl Db {
     /// those only waits for. Commits of other events leave it asleep.
     pub fn publications_of(&self, events: &'static [&'static str]) -> watch::Receiver<Published> {
         let (tx, rx) = watch::channel(Published::default());
-        self.lock_listeners().push(Listener { events, tx });
+        lock(&self.listeners).push(Listener { events, tx });
         rx
     }
 
@@ -399,11 +399,7 @@ impl Db {
     pub fn notify_committed(&self) {
         self.unhanded
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        self.published.send_modify(|n| *n = n.wrapping_add(1));
-        self.lock_listeners().retain(|l| {
-            l.tx.send_modify(|p| p.unknown = p.unknown.wrapping_add(1));
-            !l.tx.is_closed()
-        });
+        self.signal(|l| l.tx.send_modify(|p| p.unknown = p.unknown.wrapping_add(1)));
     }
 
     /// Tells readers that a transaction committed which published `published`
@@ -423,8 +419,7 @@ impl Db {
             self.unhanded
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         }
-        self.published.send_modify(|n| *n = n.wrapping_add(1));
-        self.lock_listeners().retain(|l| {
+        self.signal(|l| {
             let up_to = published
                 .names
                 .iter()
@@ -434,6 +429,15 @@ impl Db {
             if let Some(up_to) = up_to {
                 l.tx.send_modify(|p| p.up_to = p.up_to.max(up_to));
             }
+        });
+    }
+
+    /// Wakes the readers of the whole outbox, and tells each listener what `tell`
+    /// says to; listeners whose receiver is gone are dropped.
+    fn signal(&self, tell: impl Fn(&Listener)) {
+        self.published.send_modify(|n| *n = n.wrapping_add(1));
+        lock(&self.listeners).retain(|l| {
+            tell(l);
             !l.tx.is_closed()
         });
     }
@@ -457,10 +461,6 @@ impl Db {
     /// not say what they published): a relay reads the outbox when this moves.
     pub fn unhanded(&self) -> u64 {
         self.unhanded.load(std::sync::atomic::Ordering::SeqCst)
-    }
-
-    fn lock_listeners(&self) -> std::sync::MutexGuard<'_, Vec<Listener>> {
-        lock(&self.listeners)
     }
 
     /// A receiver that changes when this module's own consumers have new work

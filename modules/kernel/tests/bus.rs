@@ -1322,41 +1322,6 @@ async fn concurrent_publishers_lose_nothing_and_keep_key_order_locally(test_db: 
     concurrent_publishers_lose_nothing_and_keep_key_order(test_db, Via::Local).await;
 }
 
-/// Scenarios with NATS JetStream carrying the events, on both backends.
-macro_rules! with_nats_on_both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        mod nats_sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    if super::nats_available() {
-                        super::$scenario(super::TestDatabase::sqlite()).await;
-                    }
-                }
-            )*
-        }
-        mod nats_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    if !super::nats_available() {
-                        return;
-                    }
-                    match super::TestDatabase::postgres() {
-                        Some(db) => super::$scenario(db).await,
-                        None => eprintln!("skipped: {} is not set", super::kernel::testing::POSTGRES_ENV),
-                    }
-                }
-            )*
-        }
-    };
-}
-
-with_nats_on_both_backends!(
-    rolled_back_events_are_never_relayed,
-    handed_over_events_arrive_once_in_key_order,
-);
-
 /// The scenarios that run the consumer's own loop, with NATS JetStream carrying the
 /// events (SQLite for the databases).
 mod nats {
@@ -1428,18 +1393,27 @@ mod nats {
 /// Runs each scenario on SQLite, and on PostgreSQL when it is configured.
 macro_rules! on_both_backends {
     ($($scenario:ident),* $(,)?) => {
-        mod sqlite {
+        on_both_backends!(@in sqlite, postgres, if true; $($scenario),*);
+    };
+    // `if` guards the scenarios: when it is false they return at once.
+    (@in $sqlite:ident, $postgres:ident, if $ready:expr; $($scenario:ident),* $(,)?) => {
+        mod $sqlite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
-                    super::$scenario(super::TestDatabase::sqlite()).await;
+                    if $ready {
+                        super::$scenario(super::TestDatabase::sqlite()).await;
+                    }
                 }
             )*
         }
-        mod postgres {
+        mod $postgres {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
+                    if !$ready {
+                        return;
+                    }
                     match super::TestDatabase::postgres() {
                         Some(db) => super::$scenario(db).await,
                         None => eprintln!("skipped: {} is not set", super::kernel::testing::POSTGRES_ENV),
@@ -1464,4 +1438,11 @@ on_both_backends!(
     events_passed_by_commit_nothing,
     commits_wake_only_readers_of_their_events,
     a_consumer_passing_events_by_misses_none_it_wants,
+);
+
+// With NATS JetStream carrying the events.
+on_both_backends!(
+    @in nats_sqlite, nats_postgres, if super::nats_available();
+    rolled_back_events_are_never_relayed,
+    handed_over_events_arrive_once_in_key_order,
 );
