@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::{BusError, Consumer, HandlerError, RetryPolicy, Subscription};
+use super::{BusError, Consumer, HandlerError, Queued, RetryPolicy, Subscription};
 use crate::db::{AnyConnection, Db, DbError, write_tx};
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
@@ -164,15 +164,21 @@ impl ConsumerEngine {
             // Pull first: it claims this consumer's turn before anything else is read.
             let events = sub.pull(conn, self.policy.batch_size)?;
             report.pulled = events.len();
-            // Most passes find no retries waiting: one query says so.
-            let (waiting, earliest): (i64, Option<NaiveDateTime>) = colony_deferred::table
-                .filter(colony_deferred::consumer.eq(self.consumer.name))
-                .filter(colony_deferred::source.eq(self.consumer.source))
-                .select((
-                    diesel::dsl::count_star(),
-                    diesel::dsl::min(colony_deferred::next_attempt_at),
-                ))
-                .get_result(conn)?;
+            // Most passes find no retries waiting: the claim or one query says so.
+            let Queued { waiting, earliest } = match sub.queued() {
+                Some(queued) => queued,
+                None => {
+                    let (waiting, earliest) = colony_deferred::table
+                        .filter(colony_deferred::consumer.eq(self.consumer.name))
+                        .filter(colony_deferred::source.eq(self.consumer.source))
+                        .select((
+                            diesel::dsl::count_star(),
+                            diesel::dsl::min(colony_deferred::next_attempt_at),
+                        ))
+                        .get_result(conn)?;
+                    Queued { waiting, earliest }
+                }
+            };
             let mut blocked = HashSet::new();
             if waiting > 0 {
                 if earliest.is_some_and(|e| e <= now) {

@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
 use tokio::sync::watch;
 
-use super::{BoxFuture, BusError, Subscription, Transport};
+use super::{BoxFuture, BusError, Queued, Subscription, Transport};
 use crate::db::{AnyConnection, Db, DbError, Published};
 use crate::envelope::Envelope;
 use crate::outbox;
@@ -55,6 +56,7 @@ impl Transport for LocalTransport {
             signalled: false,
             unknown_seen: 0,
             known_position: None,
+            queued: None,
             passed_to: 0,
             passed_since: None,
             gaps: outbox::Gaps::default(),
@@ -89,6 +91,9 @@ struct LocalSubscription {
     unknown_seen: u64,
     /// The position as this process last read or wrote it; it never moves back.
     known_position: Option<i64>,
+    /// The retries queued for this consumer as the last pull's claim read them,
+    /// if they can be trusted (see `lock_position`).
+    queued: Option<Queued>,
     /// Everything through this number is settled and of no interest to this
     /// consumer (seen outside a pass): the next pass starts after it.
     passed_to: i64,
@@ -121,24 +126,53 @@ impl LocalSubscription {
         Ok(())
     }
 
-    /// Takes the row lock on this consumer's position (creating it at 0) and reads it.
-    fn lock_position(&self, conn: &mut AnyConnection) -> Result<i64, BusError> {
-        let key = positions::table.find((self.consumer.as_str(), self.source.module()));
+    /// Takes the row lock on this consumer's position (creating it at 0) and reads
+    /// it, with the retries queued for this consumer in the same statement.
+    ///
+    /// Those are kept (`queued`) only when the position is the one this process
+    /// knew. On PostgreSQL the statement's subqueries read the snapshot taken before
+    /// the lock was granted, so they could miss what another replica's pass queued
+    /// meanwhile; but such a pass pulled events and moved the position. A pass that
+    /// pulls nothing queues no new retries: it runs or parks those queued, or finds
+    /// none (a replayed dead letter is queued outside a pass, in no particular order
+    /// with new events, and read by the next pass).
+    fn lock_position(&mut self, conn: &mut AnyConnection) -> Result<i64, BusError> {
+        #[derive(QueryableByName)]
+        struct Locked {
+            #[diesel(sql_type = BigInt)]
+            position: i64,
+            #[diesel(sql_type = BigInt)]
+            waiting: i64,
+            #[diesel(sql_type = Nullable<Timestamp>)]
+            earliest: Option<chrono::NaiveDateTime>,
+        }
+        // One statement locks and reads; the same text serves both backends ($n
+        // are SQLite's numbered parameters too).
+        const LOCK: &str = "UPDATE colony_consumer_positions SET updated_at = $1 \
+             WHERE consumer = $2 AND source = $3 \
+             RETURNING position, \
+             (SELECT count(*) FROM colony_deferred d \
+              WHERE d.consumer = $2 AND d.source = $3) AS waiting, \
+             (SELECT min(d.next_attempt_at) FROM colony_deferred d \
+              WHERE d.consumer = $2 AND d.source = $3) AS earliest";
         let now = crate::time::now();
-        let touch = diesel::update(key).set(positions::updated_at.eq(now));
-        // One statement locks and reads; RETURNING is per backend.
-        let position: Option<i64> = match conn {
-            AnyConnection::Sqlite(c) => touch
-                .returning(positions::position)
-                .get_result(c)
-                .optional()?,
-            AnyConnection::Postgresql(c) => touch
-                .returning(positions::position)
-                .get_result(c)
-                .optional()?,
+        let query = diesel::sql_query(LOCK)
+            .bind::<Timestamp, _>(now)
+            .bind::<Text, _>(&self.consumer)
+            .bind::<Text, _>(self.source.module());
+        let locked: Option<Locked> = match conn {
+            AnyConnection::Sqlite(c) => query.get_result(c).optional()?,
+            AnyConnection::Postgresql(c) => query.get_result(c).optional()?,
         };
-        if let Some(position) = position {
-            return Ok(position);
+        self.queued = None;
+        if let Some(locked) = locked {
+            if self.known_position == Some(locked.position) {
+                self.queued = Some(Queued {
+                    waiting: locked.waiting,
+                    earliest: locked.earliest,
+                });
+            }
+            return Ok(locked.position);
         }
         diesel::insert_into(positions::table)
             .values((
@@ -248,6 +282,10 @@ impl Subscription for LocalSubscription {
             .into_iter()
             .map(|e| e.map_err(BusError::Corrupt))
             .collect()
+    }
+
+    fn queued(&mut self) -> Option<Queued> {
+        self.queued.take()
     }
 
     fn advance(&mut self, conn: &mut AnyConnection, last: &Envelope) -> Result<(), BusError> {

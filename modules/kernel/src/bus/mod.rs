@@ -126,6 +126,13 @@ pub enum BusError {
     Corrupt(String),
 }
 
+/// The retries queued for a consumer: how many, and when the earliest is due.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Queued {
+    pub waiting: i64,
+    pub earliest: Option<chrono::NaiveDateTime>,
+}
+
 /// A consumer's durable subscription to one source, as a transport provides it.
 ///
 /// Shaped after JetStream's pull consumers: the position is durable per consumer,
@@ -151,6 +158,12 @@ pub trait Subscription: Send + 'static {
     /// Inside the consumer's transaction: claims this consumer's turn on the source
     /// (replicas take turns) and returns up to `max` events after its position.
     fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError>;
+    /// After `pull`: the retries queued for this consumer, if the transport read
+    /// them with its claim and is sure no other replica changed them since its
+    /// last pass. `None`: the consumer reads them itself.
+    fn queued(&mut self) -> Option<Queued> {
+        None
+    }
     /// Inside the same transaction: everything through `last` is dealt with.
     fn advance(&mut self, conn: &mut AnyConnection, last: &Envelope) -> Result<(), BusError>;
     /// Whether an event already handled (or queued for a retry) may be pulled again,
