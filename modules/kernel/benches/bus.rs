@@ -30,8 +30,8 @@ use diesel::prelude::*;
 use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::benchkit::{Percentiles, RawRate, percentiles, raw_commit_rate};
 use kernel::bus::{
-    BoxFuture, BusError, Consumer, ConsumerEngine, EventHandler, HandlerError, LocalTransport,
-    RetryPolicy, Subscription, Transport,
+    BoxFuture, BusError, Consumer, ConsumerEngine, EventHandler, Handled, HandlerError,
+    LocalTransport, RetryPolicy, Subscription, Transport,
 };
 use kernel::db::{self, Backend, Location, PoolOptions, write_tx};
 use kernel::metrics::Metrics;
@@ -339,8 +339,13 @@ impl Subscription for Timed {
         Ok(events)
     }
 
-    fn advance(&mut self, conn: &mut AnyConnection, last: &Envelope) -> Result<(), BusError> {
-        self.inner.advance(conn, last)
+    fn advance(
+        &mut self,
+        conn: &mut AnyConnection,
+        last: &Envelope,
+        handled: &Handled<'_>,
+    ) -> Result<(), BusError> {
+        self.inner.advance(conn, last, handled)
     }
 
     fn settle(&mut self, committed: bool) -> BoxFuture<'_, ()> {

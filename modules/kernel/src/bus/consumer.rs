@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::{BusError, Consumer, HandlerError, Queued, RetryPolicy, Subscription};
+use super::{BusError, Consumer, Handled, HandlerError, Queued, RetryPolicy, Subscription};
 use crate::db::{AnyConnection, Db, DbError, write_tx};
 use crate::envelope::Envelope;
 use crate::metrics::Metrics;
@@ -253,9 +253,21 @@ impl ConsumerEngine {
                     }
                 }
             }
-            self.record_handled(conn, &handled_whole)?;
             if let Some(last) = events.last() {
-                sub.advance(conn, last)?;
+                let handled = Handled {
+                    consumer: self.consumer.name,
+                    event_ids: &handled_whole,
+                    at: crate::time::now(),
+                };
+                // An event recorded already (a redelivery the already-seen check
+                // could not see) sends the batch round again, event by event.
+                sub.advance(conn, last, &handled).map_err(|e| match e {
+                    BusError::Query(diesel::result::Error::DatabaseError(
+                        diesel::result::DatabaseErrorKind::UniqueViolation,
+                        _,
+                    )) if !handled_whole.is_empty() => PassError::Rerun(None),
+                    e => PassError::Bus(e),
+                })?;
             }
             let deferred_changed = report.retried + report.queued_behind + report.parked > 0;
             report.next_due = if waiting > 0 || deferred_changed {
@@ -296,39 +308,6 @@ impl ConsumerEngine {
             trace_id = trace.map(|t| t.trace_id_hex()).unwrap_or_default(),
             parent_span_id = trace.map(|t| t.span_id_hex()).unwrap_or_default(),
         )
-    }
-
-    /// The inbox records of events handled in a whole batch, in one statement. An
-    /// event recorded already (a redelivery the already-seen check could not see)
-    /// sends the batch round again, event by event.
-    fn record_handled(&self, conn: &mut AnyConnection, ids: &[String]) -> Result<(), PassError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let handled_at = crate::time::now();
-        let rows: Vec<_> = ids
-            .iter()
-            .map(|id| {
-                (
-                    colony_inbox::consumer.eq(self.consumer.name),
-                    colony_inbox::event_id.eq(id.as_str()),
-                    colony_inbox::handled_at.eq(handled_at),
-                )
-            })
-            .collect();
-        let insert = diesel::insert_into(colony_inbox::table).values(rows);
-        // Multi-row inserts are built per backend (the multi-backend has none).
-        let inserted = match conn {
-            AnyConnection::Sqlite(c) => insert.execute(c),
-            AnyConnection::Postgresql(c) => insert.execute(c),
-        };
-        match inserted {
-            Err(diesel::result::Error::DatabaseError(
-                diesel::result::DatabaseErrorKind::UniqueViolation,
-                _,
-            )) => Err(PassError::Rerun(None)),
-            other => other.map(|_| ()).map_err(PassError::from),
-        }
     }
 
     /// Handles one event in a savepoint: its writes and its inbox record commit

@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
+use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamp};
 use tokio::sync::watch;
 
-use super::{BoxFuture, BusError, Queued, Subscription, Transport};
+use super::{BoxFuture, BusError, Handled, Queued, Subscription, Transport, record_handled};
 use crate::db::{AnyConnection, Db, DbError, Published};
 use crate::envelope::Envelope;
 use crate::outbox;
@@ -288,9 +288,32 @@ impl Subscription for LocalSubscription {
         self.queued.take()
     }
 
-    fn advance(&mut self, conn: &mut AnyConnection, last: &Envelope) -> Result<(), BusError> {
+    fn advance(
+        &mut self,
+        conn: &mut AnyConnection,
+        last: &Envelope,
+        handled: &Handled<'_>,
+    ) -> Result<(), BusError> {
         self.known_position = Some(last.sequence);
-        self.write_position(conn, last.sequence)
+        let AnyConnection::Postgresql(c) = conn else {
+            record_handled(conn, handled)?;
+            return self.write_position(conn, last.sequence);
+        };
+        // On PostgreSQL one statement writes both (SQLite has no writing CTEs).
+        diesel::sql_query(
+            "WITH inbox AS (INSERT INTO colony_inbox (consumer, event_id, handled_at) \
+             SELECT $1, id, $3 FROM unnest($2::text[]) AS id) \
+             UPDATE colony_consumer_positions SET position = $4, updated_at = $3 \
+             WHERE consumer = $5 AND source = $6",
+        )
+        .bind::<Text, _>(handled.consumer)
+        .bind::<Array<Text>, _>(handled.event_ids)
+        .bind::<Timestamp, _>(handled.at)
+        .bind::<BigInt, _>(last.sequence)
+        .bind::<Text, _>(&self.consumer)
+        .bind::<Text, _>(self.source.module())
+        .execute(c)?;
+        Ok(())
     }
 
     fn may_redeliver(&self) -> bool {

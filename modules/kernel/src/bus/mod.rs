@@ -21,6 +21,8 @@ pub use consumer::{ConsumerEngine, PassReport};
 pub use local::LocalTransport;
 pub use nats::NatsTransport;
 
+use diesel::QueryResult;
+
 use crate::db::{AnyConnection, DbError};
 use crate::envelope::Envelope;
 
@@ -133,6 +135,41 @@ pub struct Queued {
     pub earliest: Option<chrono::NaiveDateTime>,
 }
 
+/// The inbox records a pass writes at its end: one per event handled in a whole
+/// batch.
+pub struct Handled<'a> {
+    pub consumer: &'a str,
+    pub event_ids: &'a [String],
+    pub at: chrono::NaiveDateTime,
+}
+
+/// Writes `handled`'s inbox records in one statement.
+pub fn record_handled(conn: &mut AnyConnection, handled: &Handled<'_>) -> QueryResult<()> {
+    use crate::schema::colony_inbox;
+    use diesel::prelude::*;
+    if handled.event_ids.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<_> = handled
+        .event_ids
+        .iter()
+        .map(|id| {
+            (
+                colony_inbox::consumer.eq(handled.consumer),
+                colony_inbox::event_id.eq(id.as_str()),
+                colony_inbox::handled_at.eq(handled.at),
+            )
+        })
+        .collect();
+    let insert = diesel::insert_into(colony_inbox::table).values(rows);
+    // Multi-row inserts are built per backend (the multi-backend has none).
+    match conn {
+        AnyConnection::Sqlite(c) => insert.execute(c),
+        AnyConnection::Postgresql(c) => insert.execute(c),
+    }
+    .map(|_| ())
+}
+
 /// A consumer's durable subscription to one source, as a transport provides it.
 ///
 /// Shaped after JetStream's pull consumers: the position is durable per consumer,
@@ -164,8 +201,17 @@ pub trait Subscription: Send + 'static {
     fn queued(&mut self) -> Option<Queued> {
         None
     }
-    /// Inside the same transaction: everything through `last` is dealt with.
-    fn advance(&mut self, conn: &mut AnyConnection, last: &Envelope) -> Result<(), BusError>;
+    /// Inside the same transaction: everything through `last` is dealt with, and
+    /// `handled` (events handled without a savepoint each) get their inbox records,
+    /// with `record_handled` or, where the backend allows, in the statement that
+    /// moves the position. An event recorded already fails it with a unique
+    /// violation.
+    fn advance(
+        &mut self,
+        conn: &mut AnyConnection,
+        last: &Envelope,
+        handled: &Handled<'_>,
+    ) -> Result<(), BusError>;
     /// Whether an event already handled (or queued for a retry) may be pulled again,
     /// so the consumer must check its inbox. False when the position moves in the
     /// consumer's own transaction.

@@ -15,7 +15,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
-use super::{BoxFuture, BusError, Subscription, Transport, lease};
+use super::{BoxFuture, BusError, Handled, Subscription, Transport, lease, record_handled};
 use crate::db::{AnyConnection, Db, DbError};
 use crate::envelope::Envelope;
 use crate::outbox;
@@ -530,9 +530,14 @@ impl Subscription for NatsSubscription {
         Ok(self.pulled.iter().map(|(e, _)| e.clone()).collect())
     }
 
-    fn advance(&mut self, _conn: &mut AnyConnection, _last: &Envelope) -> Result<(), BusError> {
+    fn advance(
+        &mut self,
+        conn: &mut AnyConnection,
+        _last: &Envelope,
+        handled: &Handled<'_>,
+    ) -> Result<(), BusError> {
         // The position is the server's, moved by the acknowledgements after commit.
-        Ok(())
+        Ok(record_handled(conn, handled)?)
     }
 
     fn may_redeliver(&self) -> bool {
