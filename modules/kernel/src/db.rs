@@ -2,6 +2,7 @@
 //! PostgreSQL, pools that connect each module to its own file or schema, and the
 //! write transaction every state change goes through.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -309,6 +310,10 @@ pub type PooledConn = PooledConnection<ModuleConnector>;
 /// Commits' envelopes waiting for the relay, at most; past that, it reads them.
 const HANDOFF_DEPTH: usize = 256;
 
+/// Envelopes of recent commits kept for local readers (`Db::keep_recent`); a
+/// reader further behind reads the outbox.
+const RECENT: usize = 4096;
+
 /// A panic while a lock was held leaves what it guards whole: keep using it.
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -345,6 +350,9 @@ pub struct Db {
     relay: Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Sender<Vec<Envelope>>>>>,
     /// Publishing commits whose envelopes were not handed to a relay.
     unhanded: Arc<std::sync::atomic::AtomicU64>,
+    /// The envelopes of this process's latest publishing commits, by number, once
+    /// `keep_recent` was called: what local readers take instead of reading.
+    recent: Arc<std::sync::Mutex<Option<BTreeMap<i64, Envelope>>>>,
     nudged: watch::Sender<u64>,
     /// SQLite has one writer per file: writers of this process queue here, in
     /// order, instead of in SQLite's busy handler, which sleeps up to 100 ms a try.
@@ -361,6 +369,7 @@ impl Db {
             listeners: Arc::default(),
             relay: Arc::default(),
             unhanded: Arc::default(),
+            recent: Arc::default(),
             nudged: watch::Sender::new(0),
             writer: Arc::new(tokio::sync::Mutex::new(())),
         }
@@ -410,6 +419,16 @@ impl Db {
         if published.is_empty() {
             return;
         }
+        if published.complete
+            && let Some(recent) = lock(&self.recent).as_mut()
+        {
+            for envelope in &published.envelopes {
+                recent.insert(envelope.sequence, envelope.clone());
+            }
+            while recent.len() > RECENT {
+                recent.pop_first();
+            }
+        }
         let handed = published.complete
             && !published.envelopes.is_empty()
             && lock(&self.relay)
@@ -449,6 +468,40 @@ impl Db {
         let (tx, rx) = tokio::sync::mpsc::channel(HANDOFF_DEPTH);
         *lock(&self.relay) = Some(tx);
         rx
+    }
+
+    /// From now on, keeps the envelopes of this process's publishing commits (the
+    /// latest `RECENT`) for readers in this process: see `committed_after`.
+    pub fn keep_recent(&self) {
+        crate::outbox::keep_envelopes();
+        lock(&self.recent).get_or_insert_with(BTreeMap::new);
+    }
+
+    /// The events numbered `after + 1`, `after + 2`, … with none missing, at most
+    /// `max`, as this process's commits kept them: what a read of the outbox after
+    /// `after` returns, but for the events of other processes' commits, which a
+    /// poll reads. `None` when a read is needed: the next number was not kept (a
+    /// transaction still running, one that kept nothing, another process's), or
+    /// the run stops at a missing number that a later kept one follows.
+    pub fn committed_after(&self, after: i64, max: usize) -> Option<Vec<Envelope>> {
+        let recent = lock(&self.recent);
+        let recent = recent.as_ref()?;
+        let mut run = Vec::new();
+        let mut next = after.checked_add(1)?;
+        for (&sequence, envelope) in recent.range(next..) {
+            if sequence != next || run.len() >= max {
+                break;
+            }
+            run.push(envelope.clone());
+            next += 1;
+        }
+        let beyond = recent
+            .last_key_value()
+            .is_some_and(|(&last, _)| last >= next);
+        if run.is_empty() || (run.len() < max && beyond) {
+            return None;
+        }
+        Some(run)
     }
 
     /// Whether a relay in this process takes this module's committed envelopes.

@@ -357,6 +357,18 @@ impl Gaps {
         self.pending.is_some()
     }
 
+    /// The events through `through` were all taken without a read (committed, none
+    /// missing): a gap waited for below it has filled.
+    pub fn passed(&mut self, through: i64) {
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|(until, _)| through >= *until)
+        {
+            self.pending = None;
+        }
+    }
+
     /// Events after `after`, oldest first, at most `limit`, up to the first gap that
     /// may still fill.
     pub fn read(

@@ -962,12 +962,92 @@ async fn commits_wake_only_readers_of_their_events(test_db: TestDatabase) {
     );
 }
 
+/// A local reader takes what this process's commits kept only as a run of numbers
+/// with none missing from its position on. At a missing number that a later kept
+/// one follows, at one never kept, or with nothing new kept, it reads the outbox.
+#[test]
+fn kept_events_are_taken_only_without_gaps() {
+    let test_db = TestDatabase::sqlite();
+    let db = open(&test_db, "alpha");
+    let envelope = |sequence: i64| Envelope {
+        event_id: Uuid::now_v7(),
+        name: <ThingHappened as contracts::Event>::NAME.into(),
+        source: "alpha".into(),
+        aggregate_id: "k".into(),
+        sequence,
+        occurred_at: Utc::now(),
+        correlation_id: Uuid::now_v7(),
+        causation_id: None,
+        traceparent: None,
+        payload: serde_json::json!({ "n": sequence }),
+    };
+    let commit = |numbers: &[i64], complete: bool| {
+        db.announce(outbox::Publications {
+            names: vec![(
+                <ThingHappened as contracts::Event>::NAME,
+                *numbers.iter().max().unwrap(),
+            )],
+            envelopes: numbers.iter().map(|&n| envelope(n)).collect(),
+            complete,
+        })
+    };
+    let taken = |after: i64, max: usize| {
+        db.committed_after(after, max)
+            .map(|run| run.iter().map(|e| e.sequence).collect::<Vec<_>>())
+    };
+    commit(&[1], true);
+    assert_eq!(taken(0, 10), None, "kept before anyone asked");
+    db.keep_recent();
+    commit(&[1, 2], true);
+    // 3 is still running, or rolled back.
+    commit(&[4], true);
+    assert_eq!(
+        taken(0, 10),
+        None,
+        "a run stopping short of a later kept number"
+    );
+    assert_eq!(taken(0, 2), Some(vec![1, 2]), "a full run");
+    assert_eq!(taken(0, 3), None, "a run across a missing number");
+    assert_eq!(taken(2, 10), None, "3 was never kept");
+    commit(&[3], true);
+    assert_eq!(taken(0, 10), Some(vec![1, 2, 3, 4]));
+    assert_eq!(taken(1, 2), Some(vec![2, 3]));
+    assert_eq!(
+        taken(4, 10),
+        None,
+        "nothing new kept: others' commits need a read"
+    );
+    // Its envelopes were not all kept.
+    commit(&[5], false);
+    commit(&[6], true);
+    assert_eq!(taken(4, 10), None);
+    assert_eq!(taken(5, 10), Some(vec![6]));
+}
+
 /// Writers publish events the consumer wants between many it passes by, and commit
 /// out of publishing order (some hold their transaction open a moment): the
 /// consumer, which passes the others by outside its passes, still handles every
 /// event it wants, once, in key order.
 async fn a_consumer_passing_events_by_misses_none_it_wants(test_db: TestDatabase) {
-    let s = setup(&test_db);
+    // Half the writers say what they published, as `Db::write` does; the others
+    // do not.
+    concurrent_writers_with_noise(&test_db, |w| w % 2 == 0, false).await;
+}
+
+/// Every writer says what it published, and some transactions roll back after
+/// publishing: the consumer takes most events as the commits kept them, without
+/// a read, and reads at the numbers that were never kept. Each event it wants is
+/// handled once, in key order.
+async fn kept_events_reach_a_consumer_once_in_key_order(test_db: TestDatabase) {
+    concurrent_writers_with_noise(&test_db, |_| true, true).await;
+}
+
+async fn concurrent_writers_with_noise(
+    test_db: &TestDatabase,
+    announcing: fn(i64) -> bool,
+    roll_some_back: bool,
+) {
+    let s = setup(test_db);
     let small = RetryPolicy {
         batch_size: 8,
         ..policy()
@@ -983,6 +1063,14 @@ async fn a_consumer_passing_events_by_misses_none_it_wants(test_db: TestDatabase
             let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
             for i in 0..40_i64 {
                 let mut conn = producer.pool().get().unwrap();
+                if roll_some_back && (i + w) % 5 == 0 {
+                    kernel::outbox::take_published();
+                    let rolled_back = write_tx(&mut conn, |conn| {
+                        publisher.publish(conn, "noise", &NoiseHappened { n: -1 })?;
+                        Err::<(), _>(diesel::result::Error::RollbackTransaction)
+                    });
+                    assert!(rolled_back.is_err());
+                }
                 kernel::outbox::take_published();
                 write_tx(&mut conn, |conn| {
                     for noise in 0..(i % 3) {
@@ -999,9 +1087,7 @@ async fn a_consumer_passing_events_by_misses_none_it_wants(test_db: TestDatabase
                     Ok::<_, diesel::result::Error>(())
                 })
                 .unwrap();
-                // Half the writers say what they published, as `Db::write` does;
-                // the others do not.
-                if w % 2 == 0 {
+                if announcing(w) {
                     producer.announce(kernel::outbox::take_published());
                 } else {
                     producer.notify_committed();
@@ -1477,6 +1563,7 @@ on_both_backends!(
     events_passed_by_commit_nothing,
     commits_wake_only_readers_of_their_events,
     a_consumer_passing_events_by_misses_none_it_wants,
+    kept_events_reach_a_consumer_once_in_key_order,
 );
 
 // With NATS JetStream carrying the events.
