@@ -5,7 +5,10 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use chrono::NaiveDateTime;
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamp};
 use tokio::sync::watch;
 
@@ -138,42 +141,48 @@ impl LocalSubscription {
     /// none (a replayed dead letter is queued outside a pass, in no particular order
     /// with new events, and read by the next pass).
     fn lock_position(&mut self, conn: &mut AnyConnection) -> Result<i64, BusError> {
-        #[derive(QueryableByName)]
-        struct Locked {
-            #[diesel(sql_type = BigInt)]
-            position: i64,
-            #[diesel(sql_type = BigInt)]
-            waiting: i64,
-            #[diesel(sql_type = Nullable<Timestamp>)]
-            earliest: Option<chrono::NaiveDateTime>,
-        }
-        // One statement locks and reads; the same text serves both backends ($n
-        // are SQLite's numbered parameters too).
-        const LOCK: &str = "UPDATE colony_consumer_positions SET updated_at = $1 \
-             WHERE consumer = $2 AND source = $3 \
-             RETURNING position, \
-             (SELECT count(*) FROM colony_deferred d \
-              WHERE d.consumer = $2 AND d.source = $3) AS waiting, \
-             (SELECT min(d.next_attempt_at) FROM colony_deferred d \
-              WHERE d.consumer = $2 AND d.source = $3) AS earliest";
         let now = crate::time::now();
-        let query = diesel::sql_query(LOCK)
-            .bind::<Timestamp, _>(now)
-            .bind::<Text, _>(&self.consumer)
-            .bind::<Text, _>(self.source.module());
-        let locked: Option<Locked> = match conn {
-            AnyConnection::Sqlite(c) => query.get_result(c).optional()?,
-            AnyConnection::Postgresql(c) => query.get_result(c).optional()?,
+        let lock = LockPg {
+            now,
+            consumer: &self.consumer,
+            source: self.source.module(),
+        };
+        let locked: Option<(i64, i64, Option<NaiveDateTime>)> = match conn {
+            AnyConnection::Postgresql(c) => lock.get_result(c).optional()?,
+            AnyConnection::Sqlite(c) => {
+                #[derive(QueryableByName)]
+                struct Locked {
+                    #[diesel(sql_type = BigInt)]
+                    position: i64,
+                    #[diesel(sql_type = BigInt)]
+                    waiting: i64,
+                    #[diesel(sql_type = Nullable<Timestamp>)]
+                    earliest: Option<NaiveDateTime>,
+                }
+                // The same statement; `$n` are SQLite's numbered parameters too.
+                diesel::sql_query(
+                    "UPDATE colony_consumer_positions SET updated_at = $1 \
+                     WHERE consumer = $2 AND source = $3 \
+                     RETURNING position, \
+                     (SELECT count(*) FROM colony_deferred d \
+                      WHERE d.consumer = $2 AND d.source = $3) AS waiting, \
+                     (SELECT min(d.next_attempt_at) FROM colony_deferred d \
+                      WHERE d.consumer = $2 AND d.source = $3) AS earliest",
+                )
+                .bind::<Timestamp, _>(lock.now)
+                .bind::<Text, _>(lock.consumer)
+                .bind::<Text, _>(lock.source)
+                .get_result::<Locked>(c)
+                .optional()?
+                .map(|l| (l.position, l.waiting, l.earliest))
+            }
         };
         self.queued = None;
-        if let Some(locked) = locked {
-            if self.known_position == Some(locked.position) {
-                self.queued = Some(Queued {
-                    waiting: locked.waiting,
-                    earliest: locked.earliest,
-                });
+        if let Some((position, waiting, earliest)) = locked {
+            if self.known_position == Some(position) {
+                self.queued = Some(Queued { waiting, earliest });
             }
-            return Ok(locked.position);
+            return Ok(position);
         }
         diesel::insert_into(positions::table)
             .values((
@@ -308,18 +317,12 @@ impl Subscription for LocalSubscription {
             return self.write_position(conn, last.sequence);
         };
         // On PostgreSQL one statement writes both (SQLite has no writing CTEs).
-        diesel::sql_query(
-            "WITH inbox AS (INSERT INTO colony_inbox (consumer, event_id, handled_at) \
-             SELECT $1, id, $3 FROM unnest($2::text[]) AS id) \
-             UPDATE colony_consumer_positions SET position = $4, updated_at = $3 \
-             WHERE consumer = $5 AND source = $6",
-        )
-        .bind::<Text, _>(handled.consumer)
-        .bind::<Array<Text>, _>(handled.event_ids)
-        .bind::<Timestamp, _>(handled.at)
-        .bind::<BigInt, _>(last.sequence)
-        .bind::<Text, _>(&self.consumer)
-        .bind::<Text, _>(self.source.module())
+        AdvancePg {
+            handled,
+            position: last.sequence,
+            consumer: &self.consumer,
+            source: self.source.module(),
+        }
         .execute(c)?;
         Ok(())
     }
@@ -336,5 +339,90 @@ impl Subscription for LocalSubscription {
             self.known_position = None;
         }
         Box::pin(async {})
+    }
+}
+
+// Statements of every pass, written out so that diesel prepares them once per
+// connection: it prepares `sql_query` text, and every UPDATE, anew on each run, and
+// the server then parses and plans them anew.
+
+/// Locks a consumer's position row and reads it, with the retries queued for the
+/// consumer (see `LocalSubscription::lock_position`).
+struct LockPg<'a> {
+    now: NaiveDateTime,
+    consumer: &'a str,
+    source: &'a str,
+}
+
+impl QueryId for LockPg<'_> {
+    type QueryId = LockPg<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for LockPg<'_> {
+    type SqlType = (BigInt, BigInt, Nullable<Timestamp>);
+}
+
+impl RunQueryDsl<PgConnection> for LockPg<'_> {}
+
+impl QueryFragment<Pg> for LockPg<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("UPDATE colony_consumer_positions SET updated_at = ");
+        out.push_bind_param::<Timestamp, _>(&self.now)?;
+        out.push_sql(" WHERE consumer = ");
+        out.push_bind_param::<Text, _>(self.consumer)?;
+        out.push_sql(" AND source = ");
+        out.push_bind_param::<Text, _>(self.source)?;
+        out.push_sql(
+            " RETURNING position, (SELECT count(*) FROM colony_deferred d WHERE d.consumer = ",
+        );
+        out.push_bind_param::<Text, _>(self.consumer)?;
+        out.push_sql(" AND d.source = ");
+        out.push_bind_param::<Text, _>(self.source)?;
+        out.push_sql(
+            "), (SELECT min(d.next_attempt_at) FROM colony_deferred d WHERE d.consumer = ",
+        );
+        out.push_bind_param::<Text, _>(self.consumer)?;
+        out.push_sql(" AND d.source = ");
+        out.push_bind_param::<Text, _>(self.source)?;
+        out.push_sql(")");
+        Ok(())
+    }
+}
+
+/// Writes a pass's inbox records and moves its position, in one statement.
+struct AdvancePg<'a> {
+    handled: &'a Handled<'a>,
+    position: i64,
+    consumer: &'a str,
+    source: &'a str,
+}
+
+impl QueryId for AdvancePg<'_> {
+    type QueryId = AdvancePg<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl RunQueryDsl<PgConnection> for AdvancePg<'_> {}
+
+impl QueryFragment<Pg> for AdvancePg<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(
+            "WITH inbox AS (INSERT INTO colony_inbox (consumer, event_id, handled_at) SELECT ",
+        );
+        out.push_bind_param::<Text, _>(self.handled.consumer)?;
+        out.push_sql(", id, ");
+        out.push_bind_param::<Timestamp, _>(&self.handled.at)?;
+        out.push_sql(" FROM unnest(");
+        out.push_bind_param::<Array<Text>, _>(self.handled.event_ids)?;
+        out.push_sql(") AS id) UPDATE colony_consumer_positions SET position = ");
+        out.push_bind_param::<BigInt, _>(&self.position)?;
+        out.push_sql(", updated_at = ");
+        out.push_bind_param::<Timestamp, _>(&self.handled.at)?;
+        out.push_sql(" WHERE consumer = ");
+        out.push_bind_param::<Text, _>(self.consumer)?;
+        out.push_sql(" AND source = ");
+        out.push_bind_param::<Text, _>(self.source)?;
+        Ok(())
     }
 }
