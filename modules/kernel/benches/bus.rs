@@ -333,6 +333,18 @@ impl Subscription for Timed {
         self.inner.may_redeliver()
     }
 
+    fn wake_for(&mut self, events: &'static [&'static str]) {
+        self.inner.wake_for(events)
+    }
+
+    fn queued(&mut self) -> Option<kernel::bus::Queued> {
+        self.inner.queued()
+    }
+
+    fn rewind(&mut self) {
+        self.inner.rewind()
+    }
+
     fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError> {
         let events = self.inner.pull(conn, max)?;
         self.in_pass = events.iter().map(|e| e.sequence).collect();

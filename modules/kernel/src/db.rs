@@ -406,28 +406,40 @@ impl Db {
     /// Tells every reader that a transaction committed which may have published
     /// anything.
     pub fn notify_committed(&self) {
+        self.forget_recent();
         self.unhanded
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.signal(|l| l.tx.send_modify(|p| p.unknown = p.unknown.wrapping_add(1)));
     }
 
     /// Tells readers that a transaction committed which published `published`
-    /// (nothing: nobody is woken), and hands its envelopes to this module's relay
-    /// if one runs here — before the readers' signal, so that a relay woken by
-    /// it finds them waiting.
+    /// (nothing: nobody is woken). Before the readers' signal, so that a reader
+    /// woken by it finds them: keeps its envelopes for this process's readers
+    /// (`committed_after`), and hands them to this module's relay if one runs here.
     pub fn announce(&self, published: Publications) {
         if published.is_empty() {
             return;
         }
-        if published.complete
-            && let Some(recent) = lock(&self.recent).as_mut()
-        {
-            for envelope in &published.envelopes {
-                recent.insert(envelope.sequence, envelope.clone());
+        // Kept only when all are there, and this module's. Otherwise what was kept
+        // goes: a reader must not take a run that stops short of this commit's
+        // numbers, with nothing after them kept to tell it so.
+        let keepable = published.complete
+            && !published.envelopes.is_empty()
+            && published
+                .envelopes
+                .iter()
+                .all(|envelope| envelope.source == self.module);
+        if keepable {
+            if let Some(recent) = lock(&self.recent).as_mut() {
+                for envelope in &published.envelopes {
+                    recent.insert(envelope.sequence, envelope.clone());
+                }
+                while recent.len() > RECENT {
+                    recent.pop_first();
+                }
             }
-            while recent.len() > RECENT {
-                recent.pop_first();
-            }
+        } else {
+            self.forget_recent();
         }
         let handed = published.complete
             && !published.envelopes.is_empty()
@@ -470,6 +482,13 @@ impl Db {
         rx
     }
 
+    /// A commit was not kept: readers read the outbox until new commits are kept.
+    fn forget_recent(&self) {
+        if let Some(recent) = lock(&self.recent).as_mut() {
+            recent.clear();
+        }
+    }
+
     /// From now on, keeps the envelopes of this process's publishing commits (the
     /// latest `RECENT`) for readers in this process: see `committed_after`.
     pub fn keep_recent(&self) {
@@ -481,8 +500,9 @@ impl Db {
     /// `max`, as this process's commits kept them: what a read of the outbox after
     /// `after` returns, but for the events of other processes' commits, which a
     /// poll reads. `None` when a read is needed: the next number was not kept (a
-    /// transaction still running, one that kept nothing, another process's), or
-    /// the run stops at a missing number that a later kept one follows.
+    /// transaction still running, another process's), or the run stops at a
+    /// missing number that a later kept one follows. (A commit of this process that
+    /// kept nothing empties what was kept, so no run stops short of it unseen.)
     pub fn committed_after(&self, after: i64, max: usize) -> Option<Vec<Envelope>> {
         let recent = lock(&self.recent);
         let recent = recent.as_ref()?;

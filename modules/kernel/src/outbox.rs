@@ -18,12 +18,13 @@ thread_local! {
         const { std::cell::RefCell::new(Publications::new()) };
 }
 
-/// Whether committed envelopes are handed to a relay in this process (set once one
-/// starts: `Db::relay_handoff`); otherwise only names and numbers are kept.
+/// Whether committed envelopes are kept, for a relay or the local readers of this
+/// process (set once one starts: `Db::relay_handoff`, `Db::keep_recent`);
+/// otherwise only names and numbers are.
 static KEEP_ENVELOPES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Envelopes kept per transaction at most; a transaction that publishes more is
-/// left to the relay's read. (With the relay's queue of 256 commits, this bounds
+/// left to its readers' reads. (With the relay's queue of 256 commits, this bounds
 /// what waits in memory while the relay cannot publish.)
 const KEPT_AT_MOST: usize = 64;
 
@@ -32,8 +33,8 @@ const KEPT_AT_MOST: usize = 64;
 pub struct Publications {
     /// Each event name once, with the highest sequence number it got.
     pub names: Vec<(&'static str, i64)>,
-    /// The envelopes, while a relay runs in this process; `complete` says whether
-    /// they are all there.
+    /// The envelopes, while a relay or a local reader runs in this process;
+    /// `complete` says whether they are all there.
     pub envelopes: Vec<Envelope>,
     pub complete: bool,
 }
@@ -61,10 +62,10 @@ impl Default for Publications {
 /// What this thread has published since the last call, committed or not; the
 /// record is emptied. Database work runs synchronously on one thread, so a caller
 /// that takes it before a transaction and again after its commit learns what that
-/// transaction published (which outbox readers to wake, what to hand to a relay).
-/// Left over from a rolled-back transaction, an entry costs only a needless
-/// wake-up; names are kept once each, envelopes only while a relay runs and up to
-/// `KEPT_AT_MOST`.
+/// transaction published (which outbox readers to wake, what to hand to a relay
+/// and to local readers). Left over from a rolled-back transaction, an entry costs
+/// only a needless wake-up; names are kept once each, envelopes only while they are
+/// kept at all (`KEEP_ENVELOPES`) and up to `KEPT_AT_MOST`.
 pub fn take_published() -> Publications {
     PUBLISHED.with(|p| std::mem::take(&mut *p.borrow_mut()))
 }
@@ -72,7 +73,9 @@ pub fn take_published() -> Publications {
 /// Work of this thread's transaction was rolled back (to a savepoint, or the whole
 /// transaction before it runs again): the envelopes kept so far may include events
 /// that will never commit, or whose numbers are taken again. None of this
-/// transaction's envelopes is handed to a relay, which reads the outbox instead.
+/// transaction's envelopes is handed to a relay or kept for local readers (who
+/// would take such events as committed, and handle them); they read the outbox
+/// instead.
 /// Whoever rolls back to a savepoint in a transaction that may have published calls
 /// this (the consumer engine does).
 pub fn forget_kept() {
@@ -145,7 +148,7 @@ impl Publisher {
     ///
     /// A transaction that rolls back to a savepoint after publishing must call
     /// `forget_kept`, or a relay in this process could be handed the rolled-back
-    /// events as committed.
+    /// events as committed, and this process's consumers would handle them.
     pub fn publish<E: Event>(
         &self,
         conn: &mut AnyConnection,

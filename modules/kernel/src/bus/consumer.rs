@@ -340,7 +340,7 @@ impl ConsumerEngine {
         });
         if result.is_err() {
             // Its savepoint rolled back: what it meant to run after commit goes too,
-            // and what it published is not handed to a relay.
+            // and what it published is neither handed to a relay nor kept.
             crate::db::forget_after_commit(hooks);
             crate::outbox::forget_kept();
         }

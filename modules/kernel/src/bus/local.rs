@@ -93,7 +93,7 @@ struct LocalSubscription {
     signalled: bool,
     /// `Published::unknown` as last read.
     unknown_seen: u64,
-    /// The position as this process last read or wrote it; it never moves back.
+    /// The position as this process last read or wrote it (`None`: unsure).
     known_position: Option<i64>,
     /// The retries queued for this consumer as the last pull's claim read them,
     /// if they can be trusted (see `lock_position`).
@@ -159,15 +159,15 @@ impl LocalSubscription {
                     #[diesel(sql_type = Nullable<Timestamp>)]
                     earliest: Option<NaiveDateTime>,
                 }
-                // The same statement; `$n` are SQLite's numbered parameters too.
+                // The same statement, with SQLite's numbered parameters.
                 diesel::sql_query(
-                    "UPDATE colony_consumer_positions SET updated_at = $1 \
-                     WHERE consumer = $2 AND source = $3 \
+                    "UPDATE colony_consumer_positions SET updated_at = ?1 \
+                     WHERE consumer = ?2 AND source = ?3 \
                      RETURNING position, \
                      (SELECT count(*) FROM colony_deferred d \
-                      WHERE d.consumer = $2 AND d.source = $3) AS waiting, \
+                      WHERE d.consumer = ?2 AND d.source = ?3) AS waiting, \
                      (SELECT min(d.next_attempt_at) FROM colony_deferred d \
-                      WHERE d.consumer = $2 AND d.source = $3) AS earliest",
+                      WHERE d.consumer = ?2 AND d.source = ?3) AS earliest",
                 )
                 .bind::<Timestamp, _>(lock.now)
                 .bind::<Text, _>(lock.consumer)

@@ -196,8 +196,9 @@ pub trait Subscription: Send + 'static {
     /// (replicas take turns) and returns up to `max` events after its position.
     fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError>;
     /// After `pull`: the retries queued for this consumer, if the transport read
-    /// them with its claim and is sure no other replica changed them since its
-    /// last pass. `None`: the consumer reads them itself.
+    /// them with its claim and is sure no other replica queued any since (others
+    /// may have run some: the consumer reads those afresh before it runs them).
+    /// `None`: the consumer reads them itself.
     fn queued(&mut self) -> Option<Queued> {
         None
     }
