@@ -821,20 +821,31 @@ async fn replicas_keep_key_order_through_retries(test_db: TestDatabase) {
             handler = handler.script(w * 1000 + i, &[Step::Retry]);
         }
     }
-    let handler = Arc::new(handler);
+    // Both replicas in this process, so both wake for every commit.
+    two_replicas_handle_240_in_key_order(&test_db, &s, &Arc::new(handler), &*s.transport).await;
+}
+
+/// Runs two replicas of beta on `handler` (the second with its own pool on the same
+/// database, subscribed through `other`) while six writers publish 240 events at
+/// once; checks that each event took effect once, in key order.
+async fn two_replicas_handle_240_in_key_order(
+    test_db: &TestDatabase,
+    s: &Setup,
+    handler: &Arc<Recorder>,
+    other: &dyn Transport,
+) {
     let small = RetryPolicy {
         batch_size: 8,
         ..policy()
     };
     let first = engine(&s.consumer, handler.clone(), small.clone());
-    // The second replica: its own pool on the same database.
-    let second = engine(&open(&test_db, "beta"), handler.clone(), small);
+    let second = engine(&open(test_db, "beta"), handler.clone(), small);
     let (stop, stopped) = watch::channel(false);
     let a = tokio::spawn(first.run(
         s.transport.subscribe("beta", "alpha").unwrap(),
         stopped.clone(),
     ));
-    let b = tokio::spawn(second.run(s.transport.subscribe("beta", "alpha").unwrap(), stopped));
+    let b = tokio::spawn(second.run(other.subscribe("beta", "alpha").unwrap(), stopped));
     publish_concurrently(&s.producer).await;
     let done = eventually(Duration::from_secs(30), || {
         effects(&s.consumer, "beta").len() >= 240
@@ -1234,6 +1245,31 @@ impl EventHandler for Echo {
     }
 }
 
+/// Beta as a consumer of alpha whose handler is an `Echo`.
+fn echo(db: &Db, fail_on: &'static [i64], retry: bool) -> ConsumerEngine {
+    let consumer = Consumer {
+        name: "beta",
+        source: "alpha",
+        events: &[],
+        handler: Arc::new(Echo { fail_on, retry }),
+    };
+    ConsumerEngine::new(consumer, db.clone(), policy(), Arc::new(Metrics::default()))
+}
+
+/// Commits a `ThingHappened` for each of `numbers` (key `k<n>`), in one transaction.
+async fn publish_things(producer: &Db, numbers: std::ops::RangeInclusive<i64>) {
+    let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
+    producer
+        .write(move |conn| {
+            for n in numbers {
+                publisher.publish(conn, &format!("k{n}"), &ThingHappened { n })?;
+            }
+            Ok::<_, DbError>(())
+        })
+        .await
+        .unwrap();
+}
+
 /// A consumer whose handler publishes, then fails on two events of a batch: the
 /// batch is rolled back and run again event by event, and the second failure's
 /// savepoint rolls back (the first has had its attempt). What that rolled-back work published must never reach
@@ -1260,42 +1296,19 @@ async fn rolled_back_events_are_never_relayed(test_db: TestDatabase) {
         .get_stream(kernel::bus::nats::stream_name(&prefix, "beta"))
         .await
         .unwrap();
-    let consumer = Consumer {
-        name: "beta",
-        source: "alpha",
-        events: &[],
-        handler: Arc::new(Echo {
-            fail_on: &[5, 7],
-            retry: false,
-        }),
-    };
-    let engine = ConsumerEngine::new(
-        consumer,
-        s.consumer.clone(),
-        policy(),
-        Arc::new(Metrics::default()),
-    );
+    let engine = echo(&s.consumer, &[5, 7], false);
     let (stop, stopped) = watch::channel(false);
     let running =
         tokio::spawn(engine.run(s.transport.subscribe("beta", "alpha").unwrap(), stopped));
-    let publish_things = |numbers: std::ops::RangeInclusive<i64>| {
-        let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
-        s.producer.write(move |conn| {
-            for n in numbers {
-                publisher.publish(conn, &format!("k{n}"), &ThingHappened { n })?;
-            }
-            Ok::<_, DbError>(())
-        })
-    };
     // A first echo, relayed: the relay is caught up, and takes what commits hand it.
-    publish_things(0..=0).await.unwrap();
+    publish_things(&s.producer, 0..=0).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while stream.info().await.unwrap().state.messages < 1 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Ten more in one commit: one pass takes them all, and fails on the fifth and
     // the seventh.
-    publish_things(1..=10).await.unwrap();
+    publish_things(&s.producer, 1..=10).await;
 
     let outbox_ids = || -> HashSet<Uuid> {
         let mut conn = s.consumer.pool().get().unwrap();
@@ -1381,20 +1394,7 @@ async fn rolled_back_events_never_reach_a_local_consumer(test_db: TestDatabase) 
     let mut transport = LocalTransport::new();
     transport.add_source(s.producer.clone());
     transport.add_source(s.consumer.clone());
-    let beta = ConsumerEngine::new(
-        Consumer {
-            name: "beta",
-            source: "alpha",
-            events: &[],
-            handler: Arc::new(Echo {
-                fail_on: &[2],
-                retry: true,
-            }),
-        },
-        s.consumer.clone(),
-        policy(),
-        Arc::new(Metrics::default()),
-    );
+    let beta = echo(&s.consumer, &[2], true);
     let collect = Arc::new(Collect {
         seen: Mutex::new(Vec::new()),
     });
@@ -1411,22 +1411,13 @@ async fn rolled_back_events_never_reach_a_local_consumer(test_db: TestDatabase) 
     );
     let mut beta_sub = transport.subscribe("beta", "alpha").unwrap();
     let mut gamma_sub = transport.subscribe("gamma", "beta").unwrap();
-    let publish_things = |numbers: std::ops::RangeInclusive<i64>| {
-        let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
-        s.producer.write(move |conn| {
-            for n in numbers {
-                publisher.publish(conn, &format!("k{n}"), &ThingHappened { n })?;
-            }
-            Ok::<_, DbError>(())
-        })
-    };
     // Beta's first pass fails on 2, runs again event by event, and queues 2 for a
     // retry; gamma takes the two echoes.
-    publish_things(1..=3).await.unwrap();
+    publish_things(&s.producer, 1..=3).await;
     assert_eq!(pass(&beta, &s.consumer, &mut beta_sub, now()).retried, 1);
     pass(&gamma_engine, &gamma, &mut gamma_sub, now());
     // The retry of 2 fails in its savepoint; 4 is handled in the same pass.
-    publish_things(4..=4).await.unwrap();
+    publish_things(&s.producer, 4..=4).await;
     let later = now() + chrono::Duration::seconds(10);
     let report = pass(&beta, &s.consumer, &mut beta_sub, later);
     assert_eq!((report.retried, report.handled), (1, 1), "{report:?}");
@@ -1461,35 +1452,13 @@ async fn replicas_of_a_consumer_keep_key_order(test_db: TestDatabase) {
     let prefix = s.nats.as_ref().unwrap().2.clone();
     let other = nats_process(&prefix).await;
     let handler = Arc::new(Recorder::new("beta"));
-    let small = RetryPolicy {
-        batch_size: 8,
-        ..policy()
-    };
-    let first = engine(&s.consumer, handler.clone(), small.clone());
     // The second process: its own pool on the same database, its own connection.
-    let second = engine(&open(&test_db, "beta"), handler.clone(), small);
-    let (stop, stopped) = watch::channel(false);
-    let a = tokio::spawn(first.run(
-        s.transport.subscribe("beta", "alpha").unwrap(),
-        stopped.clone(),
-    ));
-    let b = tokio::spawn(second.run(other.subscribe("beta", "alpha").unwrap(), stopped));
-    publish_concurrently(&s.producer).await;
-    let done = eventually(Duration::from_secs(20), || {
-        effects(&s.consumer, "beta").len() >= 240
-    })
-    .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.send(true).unwrap();
-    a.await.unwrap();
-    b.await.unwrap();
-    assert!(done, "only {} handled", effects(&s.consumer, "beta").len());
+    two_replicas_handle_240_in_key_order(&test_db, &s, &handler, &other).await;
     assert_eq!(
         handler.overlaps.load(Ordering::SeqCst),
         0,
         "handled twice at once"
     );
-    assert_once_in_key_order(&effects(&s.consumer, "beta"), 240);
     s.teardown().await;
 }
 
