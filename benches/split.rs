@@ -306,6 +306,35 @@ impl Running {
         }
     }
 
+    /// What the split's processes logged at warning level or above (their filter
+    /// is `warn`): a count per process and the first few lines, so that a slow
+    /// episode in the figures can be matched with what a process saw.
+    fn show_warnings(&self) {
+        let Some((dir, _)) = &self.split_dir else {
+            return;
+        };
+        let mut paths: Vec<_> = std::fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| path.extension().is_some_and(|e| e == "log"))
+            .collect();
+        paths.sort();
+        println!("\n[warnings logged by the split's processes]");
+        for path in paths {
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            let name = path.file_stem().map(|n| n.to_string_lossy().into_owned());
+            println!("{}: {}", name.unwrap_or_default(), lines.len());
+            for line in lines.iter().take(3) {
+                println!("    {}", line.chars().take(300).collect::<String>());
+            }
+        }
+    }
+
     fn stop(mut self) -> Result<()> {
         if let Some((dir, env)) = &self.split_dir {
             let status = split_script(dir.path(), env, "stop").status()?;
@@ -665,6 +694,8 @@ async fn measure(args: &Args, nats_url: &str) -> Result<(Figures, Figures)> {
     .await;
     if result.is_err() {
         split.running.show_logs();
+    } else {
+        split.running.show_warnings();
     }
     let stopped = (mono.running.stop(), split.running.stop());
     let figures = result?;
