@@ -37,10 +37,13 @@ fn services() -> Option<String> {
     }
 }
 
-/// Seven consecutive free ports: the proxy's and one per process.
+/// Seven consecutive free ports: the proxy's and one per process. They are taken
+/// below Linux's range of ephemeral ports (32768 and up), where the source port of
+/// any outgoing connection made meanwhile (to PostgreSQL, say) could take one of
+/// them between this check and the process binding it.
 fn free_ports() -> u16 {
     for _ in 0..50 {
-        let base = 20_000 + (rand_u16() % 30_000);
+        let base = 20_000 + (rand_u16() % 12_700);
         if (0..7).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
             return base;
         }
@@ -48,12 +51,10 @@ fn free_ports() -> u16 {
     panic!("no seven free consecutive ports");
 }
 
+/// The random low bits of a UUIDv7: tests that start at the same moment get
+/// different values (the clock's nanoseconds need not differ).
 fn rand_u16() -> u16 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    (nanos ^ std::process::id()) as u16
+    uuid::Uuid::now_v7().as_u128() as u16
 }
 
 /// A running split topology; stopped when dropped, even when the test fails.
