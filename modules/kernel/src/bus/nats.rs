@@ -444,31 +444,50 @@ impl NatsSubscription {
     /// first keeps a second request off the path of an event that is already there.
     /// The wait asks for one message only: a pending request for more would outlive
     /// this call and take messages no one reads until their ack wait runs out.)
+    ///
+    /// A request sent while the connection was down may never be answered: each
+    /// gives up `NO_ANSWER` after the server would have answered, and says which
+    /// request it was.
     async fn receive(&mut self, timeout: Duration) -> Result<(), BusError> {
-        let consumer = self.consumer().await?;
-        self.take_ready(&consumer, 256).await?;
+        let consumer = answered("the consumer's info", NO_ANSWER, self.consumer()).await?;
+        answered(
+            "a request for ready messages",
+            NO_ANSWER,
+            self.take_ready(&consumer, 256),
+        )
+        .await?;
         if !self.buffer.is_empty() {
             return Ok(());
         }
-        let mut first = consumer
-            .batch()
-            .max_messages(1)
-            .expires(timeout.max(Duration::from_millis(100)))
-            .messages()
-            .await
-            .map_err(transport_error)?;
-        // Unknown (no metadata): assume more.
-        let mut pending = 1;
-        while let Some(message) = first.next().await {
-            let message = message.map_err(transport_error)?;
-            pending = message.info().map_or(1, |info| info.pending);
-            self.keep(message);
-        }
+        let expires = timeout.max(Duration::from_millis(100));
+        let waited = async {
+            let mut first = consumer
+                .batch()
+                .max_messages(1)
+                .expires(expires)
+                .messages()
+                .await
+                .map_err(transport_error)?;
+            // Unknown (no metadata): assume more.
+            let mut pending = 1;
+            while let Some(message) = first.next().await {
+                let message = message.map_err(transport_error)?;
+                pending = message.info().map_or(1, |info| info.pending);
+                self.keep(message);
+            }
+            Ok::<_, BusError>(pending)
+        };
+        let pending = answered("a pull request that waits", expires + NO_ANSWER, waited).await?;
         if !self.buffer.is_empty() && pending > 0 {
             // What was published with it (one transaction's events come together,
             // often one this consumer passes by first) joins it in the same pass.
             // When the server had nothing more, that round trip is saved.
-            self.take_ready(&consumer, 255).await?;
+            answered(
+                "a request for ready messages",
+                NO_ANSWER,
+                self.take_ready(&consumer, 255),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -488,6 +507,20 @@ impl NatsSubscription {
     }
 }
 
+/// How long after the server would have answered a request the client gives up.
+const NO_ANSWER: Duration = Duration::from_secs(2);
+
+/// `request`, or a transport error naming `what` went unanswered within `limit`.
+async fn answered<T>(
+    what: &str,
+    limit: Duration,
+    request: impl std::future::Future<Output = Result<T, BusError>>,
+) -> Result<T, BusError> {
+    tokio::time::timeout(limit, request)
+        .await
+        .unwrap_or_else(|_| Err(BusError::Transport(format!("no answer to {what}"))))
+}
+
 impl Subscription for NatsSubscription {
     fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool> {
         Box::pin(async move {
@@ -496,15 +529,8 @@ impl Subscription for NatsSubscription {
                 tokio::time::sleep(timeout).await;
                 return false;
             }
-            // A pull request sent while the connection was down may never be
-            // answered: the client gives up a little after the server would have.
-            let limit = timeout.max(Duration::from_millis(100)) + Duration::from_secs(2);
             if self.buffer.is_empty()
-                && let Err(e) = tokio::time::timeout(limit, self.receive(timeout))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(BusError::Transport("no answer to a pull request".into()))
-                    })
+                && let Err(e) = self.receive(timeout).await
             {
                 tracing::warn!(consumer = %self.durable, source = %self.source, error = %e, "receiving from NATS failed");
                 self.consumer = None;
