@@ -423,8 +423,8 @@ impl Db {
         // Kept only when all are there, and this module's. Otherwise what was kept
         // goes: a reader must not take a run that stops short of this commit's
         // numbers, with nothing after them kept to tell it so.
-        let keepable = published.complete
-            && !published.envelopes.is_empty()
+        let complete = published.complete && !published.envelopes.is_empty();
+        let keepable = complete
             && published
                 .envelopes
                 .iter()
@@ -441,8 +441,7 @@ impl Db {
         } else {
             self.forget_recent();
         }
-        let handed = published.complete
-            && !published.envelopes.is_empty()
+        let handed = complete
             && lock(&self.relay)
                 .as_ref()
                 .is_some_and(|relay| relay.try_send(published.envelopes).is_ok());

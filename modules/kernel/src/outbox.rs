@@ -413,14 +413,8 @@ impl Gaps {
                     }
                 }
             }
-            if self
-                .pending
-                .as_ref()
-                .is_some_and(|(until, _)| row.sequence >= *until)
-            {
-                // The gap waited for is behind: it filled.
-                self.pending = None;
-            }
+            // A gap waited for that is behind has filled.
+            self.passed(row.sequence);
             expected = row.sequence.saturating_add(1);
             ready.push(row.into_envelope(source));
         }

@@ -6,9 +6,12 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDateTime;
+use diesel::backend::Backend;
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::serialize::ToSql;
+use diesel::sql_types::HasSqlType;
 use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamp};
 use tokio::sync::watch;
 
@@ -142,40 +145,14 @@ impl LocalSubscription {
     /// with new events, and read by the next pass).
     fn lock_position(&mut self, conn: &mut AnyConnection) -> Result<i64, BusError> {
         let now = crate::time::now();
-        let lock = LockPg {
+        let lock = Lock {
             now,
             consumer: &self.consumer,
             source: self.source.module(),
         };
         let locked: Option<(i64, i64, Option<NaiveDateTime>)> = match conn {
             AnyConnection::Postgresql(c) => lock.get_result(c).optional()?,
-            AnyConnection::Sqlite(c) => {
-                #[derive(QueryableByName)]
-                struct Locked {
-                    #[diesel(sql_type = BigInt)]
-                    position: i64,
-                    #[diesel(sql_type = BigInt)]
-                    waiting: i64,
-                    #[diesel(sql_type = Nullable<Timestamp>)]
-                    earliest: Option<NaiveDateTime>,
-                }
-                // The same statement, with SQLite's numbered parameters.
-                diesel::sql_query(
-                    "UPDATE colony_consumer_positions SET updated_at = ?1 \
-                     WHERE consumer = ?2 AND source = ?3 \
-                     RETURNING position, \
-                     (SELECT count(*) FROM colony_deferred d \
-                      WHERE d.consumer = ?2 AND d.source = ?3) AS waiting, \
-                     (SELECT min(d.next_attempt_at) FROM colony_deferred d \
-                      WHERE d.consumer = ?2 AND d.source = ?3) AS earliest",
-                )
-                .bind::<Timestamp, _>(lock.now)
-                .bind::<Text, _>(lock.consumer)
-                .bind::<Text, _>(lock.source)
-                .get_result::<Locked>(c)
-                .optional()?
-                .map(|l| (l.position, l.waiting, l.earliest))
-            }
+            AnyConnection::Sqlite(c) => lock.get_result(c).optional()?,
         };
         self.queued = None;
         if let Some((position, waiting, earliest)) = locked {
@@ -347,26 +324,33 @@ impl Subscription for LocalSubscription {
 // the server then parses and plans them anew.
 
 /// Locks a consumer's position row and reads it, with the retries queued for the
-/// consumer (see `LocalSubscription::lock_position`).
-struct LockPg<'a> {
+/// consumer (see `LocalSubscription::lock_position`). The same text on both
+/// backends (SQLite allows subqueries in RETURNING, as long as the aggregates are
+/// inside them).
+struct Lock<'a> {
     now: NaiveDateTime,
     consumer: &'a str,
     source: &'a str,
 }
 
-impl QueryId for LockPg<'_> {
-    type QueryId = LockPg<'static>;
+impl QueryId for Lock<'_> {
+    type QueryId = Lock<'static>;
     const HAS_STATIC_QUERY_ID: bool = true;
 }
 
-impl Query for LockPg<'_> {
+impl Query for Lock<'_> {
     type SqlType = (BigInt, BigInt, Nullable<Timestamp>);
 }
 
-impl RunQueryDsl<PgConnection> for LockPg<'_> {}
+impl<C> RunQueryDsl<C> for Lock<'_> {}
 
-impl QueryFragment<Pg> for LockPg<'_> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+impl<DB> QueryFragment<DB> for Lock<'_>
+where
+    DB: Backend + HasSqlType<Timestamp> + HasSqlType<Text>,
+    NaiveDateTime: ToSql<Timestamp, DB>,
+    str: ToSql<Text, DB>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
         out.push_sql("UPDATE colony_consumer_positions SET updated_at = ");
         out.push_bind_param::<Timestamp, _>(&self.now)?;
         out.push_sql(" WHERE consumer = ");
