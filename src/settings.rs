@@ -72,6 +72,10 @@ pub struct BusSettings {
     pub max_attempts: i32,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
+    /// Hours an event stays in the outbox and inbox once every reader passed it.
+    pub retention_hours: u64,
+    /// Seconds between two pruning rounds of a module.
+    pub prune_interval_secs: u64,
 }
 
 impl BusSettings {
@@ -83,6 +87,15 @@ impl BusSettings {
             batch_size: self.batch_size.max(1),
             poll_interval: Duration::from_millis(self.poll_interval_ms.max(10)),
         }
+    }
+
+    /// How long handled events are kept.
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.retention_hours.saturating_mul(3600))
+    }
+
+    pub fn prune_interval(&self) -> Duration {
+        Duration::from_secs(self.prune_interval_secs.max(1))
     }
 }
 
@@ -210,6 +223,11 @@ impl Settings {
                 bail!("auth.jwt_secret must be at least 32 characters in production");
             }
         }
+        if self.bus.retention_hours < 1 {
+            // JetStream may deliver an event again within its ack wait, and the
+            // inbox record is what makes that a no-op.
+            bail!("bus.retention_hours must be at least 1");
+        }
         for name in self.modules.keys() {
             if !crate::registry::is_module(name) {
                 bail!(
@@ -310,6 +328,19 @@ mod tests {
             env(&[("COLONY__MODULES__BILLING__DATABASE_URL", "sqlite://x")]),
         );
         assert!(format!("{:#}", err.unwrap_err()).contains("no such module"));
+    }
+
+    #[test]
+    fn events_are_kept_a_week_and_at_least_an_hour() {
+        let s = Settings::load_layers(Path::new("/nonexistent"), None, env(&[])).unwrap();
+        assert_eq!(s.bus.retention(), Duration::from_secs(7 * 24 * 3600));
+        let err = Settings::load_layers(
+            Path::new("/nonexistent"),
+            None,
+            env(&[("COLONY__BUS__RETENTION_HOURS", "0")]),
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("retention_hours"));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use actix_web::middleware::{ErrorHandlers, from_fn};
 use actix_web::{App, HttpServer, web};
 use kernel::auth::Authenticator;
 use kernel::bus::ConsumerEngine;
+use kernel::bus::retention::{self, Readers};
 use kernel::error::{self, Problem};
 use kernel::module::ModuleSpec;
 use tokio::sync::watch;
@@ -153,10 +154,50 @@ fn start_consumers(
         }
     }
     for m in &runtime.modules {
+        let mut inboxes: Vec<&'static str> = m.module.consumers().iter().map(|c| c.name).collect();
+        inboxes.dedup();
+        handles.push(tokio::spawn(retention::run(
+            m.db.clone(),
+            outbox_readers(runtime, m.spec.name),
+            inboxes,
+            settings.bus.retention(),
+            settings.bus.prune_interval(),
+            shutdown.clone(),
+        )));
         for task in m.module.tasks(&runtime.ports, shutdown.clone()) {
             handles.push(tokio::spawn(task));
         }
         handles.push(tokio::spawn(m.db.clone().checkpoints(shutdown.clone())));
     }
     Ok(handles)
+}
+
+/// Who reads `module`'s outbox in this process's shape: the relay when a publishing
+/// transport carries the events; otherwise the local consumers of its events, as
+/// long as every module that consumes them runs here (one that runs elsewhere
+/// cannot be asked where it stands, so nothing is pruned).
+pub fn outbox_readers(runtime: &Runtime, module: &str) -> Readers {
+    if runtime.nats.is_some() {
+        return Readers::Relay;
+    }
+    let elsewhere = crate::registry::ALL
+        .iter()
+        .any(|spec| spec.consumes.contains(&module) && runtime.module(spec.name).is_none());
+    if elsewhere {
+        return Readers::Unknown;
+    }
+    Readers::Consumers(
+        runtime
+            .modules
+            .iter()
+            .flat_map(|m| {
+                m.module
+                    .consumers()
+                    .into_iter()
+                    .filter(|c| c.source == module)
+                    .map(|c| (c.name, m.db.clone()))
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
+    )
 }

@@ -17,6 +17,7 @@ mod errors;
 mod nats;
 mod notify;
 mod ops;
+mod retention;
 mod split;
 pub mod story;
 mod topology;

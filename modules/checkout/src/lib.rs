@@ -10,6 +10,7 @@ mod schema;
 mod store;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix_web::web;
 use contracts::Event;
@@ -47,10 +48,26 @@ pub const SPEC: ModuleSpec = ModuleSpec {
 struct Settings {
     #[serde(default)]
     payment: PaymentSettings,
+    /// Hours an `Idempotency-Key` replays its order; at least the contract's 24.
+    #[serde(default = "default_key_hours")]
+    idempotency_key_hours: u64,
 }
+
+fn default_key_hours() -> u64 {
+    48
+}
+
+/// The shortest time a key is kept: the contract's.
+const MIN_KEY_HOURS: u64 = 24;
+/// How often expired keys are looked for.
+const EXPIRE_KEYS_EVERY: Duration = Duration::from_secs(600);
 
 fn build(ctx: ModuleContext) -> anyhow::Result<Box<dyn Module>> {
     let settings: Settings = ctx.settings(MODULE)?;
+    anyhow::ensure!(
+        settings.idempotency_key_hours >= MIN_KEY_HOURS,
+        "modules.checkout.idempotency_key_hours must be at least {MIN_KEY_HOURS}"
+    );
     let test_gateway = Arc::new(payment::TestGateway::new(ctx.db.clone(), &settings.payment));
     let gateway: Arc<dyn PaymentGateway> = Arc::new(payment::GuardedGateway::new(
         test_gateway,
@@ -66,6 +83,7 @@ fn build(ctx: ModuleContext) -> anyhow::Result<Box<dyn Module>> {
         retry,
         payments,
         handed: Mutex::new(Some(handed)),
+        key_retention: Duration::from_secs(settings.idempotency_key_hours * 3600),
     }))
 }
 
@@ -77,6 +95,8 @@ struct Checkout {
     /// Payment steps this process's consumers claim, for its payment worker.
     payments: payment::Handoff,
     handed: Mutex<Option<mpsc::UnboundedReceiver<store::OrderRow>>>,
+    /// How long an idempotency key is kept.
+    key_retention: Duration,
 }
 
 #[derive(OpenApi)]
@@ -138,17 +158,53 @@ impl Module for Checkout {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
             .unwrap_or_else(|| mpsc::unbounded_channel().1);
-        vec![Box::pin(payment::run_worker(
-            self.db.clone(),
-            self.gateway.clone(),
-            self.lease,
-            self.retry,
-            handed,
-            shutdown,
-        ))]
+        vec![
+            Box::pin(payment::run_worker(
+                self.db.clone(),
+                self.gateway.clone(),
+                self.lease,
+                self.retry,
+                handed,
+                shutdown.clone(),
+            )),
+            Box::pin(expire_keys(self.db.clone(), self.key_retention, shutdown)),
+        ]
     }
 
     fn openapi(&self) -> utoipa::openapi::OpenApi {
         CheckoutApi::openapi()
     }
+}
+
+/// Deletes idempotency keys older than `retention` every `EXPIRE_KEYS_EVERY` until
+/// `shutdown`.
+async fn expire_keys(db: Db, retention: Duration, mut shutdown: watch::Receiver<bool>) {
+    while !*shutdown.borrow() {
+        tokio::select! {
+            () = tokio::time::sleep(EXPIRE_KEYS_EVERY) => {}
+            _ = shutdown.changed() => break,
+        }
+        match expire_idempotency_keys(&db, retention).await {
+            Ok(0) => {}
+            Ok(expired) => tracing::info!(module = MODULE, expired, "idempotency keys expired"),
+            Err(e) => {
+                tracing::warn!(module = MODULE, error = %e, "expiring idempotency keys failed")
+            }
+        }
+    }
+}
+
+/// Deletes the idempotency keys of checkout's `db` stored longer than `retention`
+/// ago, a chunk per transaction; returns how many went. Such a key no longer
+/// replays its order: the same key places a new one.
+pub async fn expire_idempotency_keys(
+    db: &Db,
+    retention: Duration,
+) -> Result<usize, kernel::db::DbError> {
+    let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    let Some(before) = kernel::time::now().checked_sub_signed(retention) else {
+        return Ok(0);
+    };
+    kernel::bus::retention::in_chunks(db, move |conn, max| store::prune_keys(conn, before, max))
+        .await
 }

@@ -309,6 +309,26 @@ pub fn insert_key(conn: &mut AnyConnection, row: &IdempotencyRow) -> QueryResult
     Ok(())
 }
 
+/// Deletes up to `max` idempotency keys stored before `before`, oldest first;
+/// returns how many went. A key that went no longer replays: the same key places
+/// a new order.
+pub fn prune_keys(conn: &mut AnyConnection, before: NaiveDateTime, max: i64) -> QueryResult<usize> {
+    // The chunk ends at the `max`-th oldest key that may go.
+    let last: Option<NaiveDateTime> = idempotency_keys::table
+        .filter(idempotency_keys::created_at.lt(before))
+        .order(idempotency_keys::created_at.asc())
+        .offset(max - 1)
+        .select(idempotency_keys::created_at)
+        .first(conn)
+        .optional()?;
+    diesel::delete(
+        idempotency_keys::table
+            .filter(idempotency_keys::created_at.le(last.unwrap_or(before)))
+            .filter(idempotency_keys::created_at.lt(before)),
+    )
+    .execute(conn)
+}
+
 pub fn is_unique_violation(e: &diesel::result::Error) -> bool {
     matches!(
         e,

@@ -324,10 +324,27 @@ fn rows_after(conn: &mut AnyConnection, after: i64, limit: i64) -> QueryResult<V
         .filter(colony_outbox::sequence.gt(after))
         .order(colony_outbox::sequence.asc());
     match conn {
-        AnyConnection::Sqlite(c) => query
-            .filter(colony_outbox::sequence.le(after.saturating_add(limit)))
-            .select(OutboxRow::as_select())
-            .load(c),
+        AnyConnection::Sqlite(c) => {
+            let rows = query
+                .filter(colony_outbox::sequence.le(after.saturating_add(limit)))
+                .select(OutboxRow::as_select())
+                .load(c)?;
+            if !rows.is_empty() {
+                return Ok(rows);
+            }
+            // Nothing in the range: either nothing is there yet, or the range lies
+            // in a pruned prefix (`bus::retention`) and the rows go on later.
+            let next: Option<i64> = colony_outbox::table
+                .filter(colony_outbox::sequence.gt(after))
+                .select(diesel::dsl::min(colony_outbox::sequence))
+                .get_result(c)?;
+            match next {
+                Some(next) if next > after.saturating_add(limit) => {
+                    rows_after(conn, next - 1, limit)
+                }
+                _ => Ok(rows),
+            }
+        }
         AnyConnection::Postgresql(c) => query.limit(limit).select(OutboxRow::as_select()).load(c),
     }
 }

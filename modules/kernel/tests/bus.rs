@@ -1527,6 +1527,114 @@ async fn a_dead_holder_hands_over_in_key_order(test_db: TestDatabase) {
     s.teardown().await;
 }
 
+fn outbox_sequences(db: &Db) -> Vec<i64> {
+    use kernel::schema::colony_outbox as o;
+    o::table
+        .select(o::sequence)
+        .order(o::sequence.asc())
+        .load(&mut db.pool().get().unwrap())
+        .unwrap()
+}
+
+fn inbox_size(db: &Db) -> i64 {
+    use kernel::schema::colony_inbox as i;
+    i::table
+        .count()
+        .get_result(&mut db.pool().get().unwrap())
+        .unwrap()
+}
+
+/// Pruning deletes outbox rows only once every reader passed them and they are
+/// older than the retention, never the newest row, and inbox records only of
+/// events older than it; the consumer goes on as before, and a reader that starts
+/// behind the pruned rows reads on from the first one kept.
+async fn pruning_keeps_what_a_reader_still_needs(test_db: TestDatabase) {
+    use kernel::bus::retention::{self, Readers};
+    let s = setup(&test_db);
+    let handler = Arc::new(Recorder::new("beta"));
+    let engine = engine(&s.consumer, handler, policy());
+    let mut sub = s.transport.subscribe("beta", "alpha").unwrap();
+    let published: Vec<Envelope> = (1..=10).map(|n| publish(&s.producer, "k", n)).collect();
+    assert_eq!(pass(&engine, &s.consumer, &mut sub, now()).handled, 10);
+    let unread: Vec<Envelope> = (11..=15).map(|n| publish(&s.producer, "k", n)).collect();
+    let readers = Readers::Consumers(vec![("beta", s.consumer.clone())]);
+    let later = now() + chrono::Duration::hours(1);
+    let earlier = now() - chrono::Duration::hours(1);
+
+    // Younger than the retention: nothing goes.
+    let pruned = retention::prune(&s.producer, &readers, &[], earlier)
+        .await
+        .unwrap();
+    assert_eq!(pruned.outbox, 0);
+    // A reader this process cannot ask: nothing goes.
+    let pruned = retention::prune(&s.producer, &Readers::Unknown, &[], later)
+        .await
+        .unwrap();
+    assert_eq!(pruned.outbox, 0);
+    // Old enough: what the consumer read goes, what it did not stays.
+    let pruned = retention::prune(&s.producer, &readers, &[], later)
+        .await
+        .unwrap();
+    assert_eq!(pruned.outbox, 10);
+    let kept: Vec<i64> = unread.iter().map(|e| e.sequence).collect();
+    assert_eq!(outbox_sequences(&s.producer), kept);
+
+    // The inbox: records of events made before the cut go, later ones stay.
+    assert_eq!(inbox_size(&s.consumer), 10);
+    let cut = published[4].occurred_at.naive_utc() + chrono::Duration::milliseconds(1);
+    let made_before = published
+        .iter()
+        .filter(|e| retention::event_id_floor(cut) > e.event_id.to_string())
+        .count();
+    assert!(made_before >= 5, "ids made before the cut sort below it");
+    let pruned = retention::prune(&s.consumer, &Readers::Unknown, &["beta"], cut)
+        .await
+        .unwrap();
+    assert_eq!(pruned.inbox, made_before);
+    assert_eq!(
+        inbox_size(&s.consumer),
+        i64::try_from(10 - made_before).unwrap()
+    );
+
+    // The consumer goes on from its position.
+    assert_eq!(pass(&engine, &s.consumer, &mut sub, now()).handled, 5);
+    assert_eq!(
+        effects(&s.consumer, "beta")
+            .iter()
+            .map(|(_, n)| *n)
+            .collect::<Vec<_>>(),
+        (1..=15).collect::<Vec<_>>()
+    );
+    // Everything read: all but the newest row go, and the next event is numbered
+    // after it.
+    let pruned = retention::prune(&s.producer, &readers, &[], later)
+        .await
+        .unwrap();
+    assert_eq!(pruned.outbox, 4);
+    assert_eq!(outbox_sequences(&s.producer), vec![unread[4].sequence]);
+    let next = publish(&s.producer, "k", 16);
+    assert!(next.sequence > unread[4].sequence);
+
+    // A reader that starts behind the pruned rows reads on from the first kept.
+    let mut conn = s.producer.pool().get().unwrap();
+    let read: Vec<i64> = outbox::read_after(&mut conn, "alpha", 0, 4)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.unwrap().sequence)
+        .collect();
+    assert_eq!(read, vec![unread[4].sequence, next.sequence]);
+    let mut gaps = outbox::Gaps::default();
+    let mut read = gaps.read(&mut conn, "alpha", 0, 4).unwrap();
+    if read.is_empty() {
+        // PostgreSQL: the missing numbers are a gap until no transaction that was
+        // running when it was seen runs any more.
+        read = gaps.read(&mut conn, "alpha", 0, 4).unwrap();
+    }
+    assert_eq!(read.len(), 2);
+    // And so does the consumer, whose next pass takes event 16.
+    assert_eq!(pass(&engine, &s.consumer, &mut sub, now()).handled, 1);
+}
+
 async fn undelivered_events_are_delivered_after_a_restart_locally(test_db: TestDatabase) {
     undelivered_events_are_delivered_after_a_restart(test_db, Via::Local).await;
 }
@@ -1663,6 +1771,7 @@ on_both_backends!(
     kept_events_reach_a_consumer_once_in_key_order,
     a_commit_that_kept_nothing_is_not_passed_over,
     rolled_back_events_never_reach_a_local_consumer,
+    pruning_keeps_what_a_reader_still_needs,
 );
 
 // With NATS JetStream carrying the events.

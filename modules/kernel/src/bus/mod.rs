@@ -10,6 +10,7 @@ pub mod dead_letters;
 pub mod lease;
 mod local;
 pub mod nats;
+pub mod retention;
 pub mod stats;
 
 use std::future::Future;
