@@ -61,6 +61,9 @@ pub enum TransportKind {
     Nats,
 }
 
+/// The shortest time handled events are kept.
+pub const MIN_RETENTION_HOURS: u64 = 24;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BusSettings {
@@ -223,10 +226,11 @@ impl Settings {
                 bail!("auth.jwt_secret must be at least 32 characters in production");
             }
         }
-        if self.bus.retention_hours < 1 {
-            // JetStream may deliver an event again within its ack wait, and the
-            // inbox record is what makes that a no-op.
-            bail!("bus.retention_hours must be at least 1");
+        if self.bus.retention_hours < MIN_RETENTION_HOURS {
+            // An inbox record is what makes an event delivered again a no-op: over
+            // NATS, one whose acknowledgement was lost comes again whenever a
+            // replica next pulls, however long that takes.
+            bail!("bus.retention_hours must be at least {MIN_RETENTION_HOURS}");
         }
         for name in self.modules.keys() {
             if !crate::registry::is_module(name) {
@@ -331,16 +335,16 @@ mod tests {
     }
 
     #[test]
-    fn events_are_kept_a_week_and_at_least_an_hour() {
+    fn events_are_kept_a_week_and_at_least_a_day() {
         let s = Settings::load_layers(Path::new("/nonexistent"), None, env(&[])).unwrap();
         assert_eq!(s.bus.retention(), Duration::from_secs(7 * 24 * 3600));
         let err = Settings::load_layers(
             Path::new("/nonexistent"),
             None,
-            env(&[("COLONY__BUS__RETENTION_HOURS", "0")]),
+            env(&[("COLONY__BUS__RETENTION_HOURS", "23")]),
         )
         .unwrap_err();
-        assert!(format!("{err:#}").contains("retention_hours"));
+        assert!(format!("{err:#}").contains("retention_hours must be at least 24"));
     }
 
     #[test]

@@ -205,6 +205,10 @@ pub async fn expire_idempotency_keys(
     let Some(before) = kernel::time::now().checked_sub_signed(retention) else {
         return Ok(0);
     };
-    kernel::bus::retention::in_chunks(db, move |conn, max| store::prune_keys(conn, before, max))
-        .await
+    kernel::bus::retention::in_chunks(
+        db,
+        kernel::bus::retention::earliest(),
+        move |conn, from, max| store::prune_keys(conn, from, before, max),
+    )
+    .await
 }

@@ -309,24 +309,29 @@ pub fn insert_key(conn: &mut AnyConnection, row: &IdempotencyRow) -> QueryResult
     Ok(())
 }
 
-/// Deletes up to `max` idempotency keys stored before `before`, oldest first;
-/// returns how many went. A key that went no longer replays: the same key places
-/// a new order.
-pub fn prune_keys(conn: &mut AnyConnection, before: NaiveDateTime, max: i64) -> QueryResult<usize> {
-    // The chunk ends at the `max`-th oldest key that may go.
-    let last: Option<NaiveDateTime> = idempotency_keys::table
-        .filter(idempotency_keys::created_at.lt(before))
+/// One chunk of expired idempotency keys: up to `max` of those stored before
+/// `before`, oldest first, from `from` on. Returns how many went and where the next
+/// chunk starts. A key that went no longer replays: the same key places a new
+/// order.
+pub fn prune_keys(
+    conn: &mut AnyConnection,
+    from: NaiveDateTime,
+    before: NaiveDateTime,
+    max: i64,
+) -> QueryResult<(usize, Option<NaiveDateTime>)> {
+    let old = idempotency_keys::table
+        .filter(idempotency_keys::created_at.ge(from))
+        .filter(idempotency_keys::created_at.lt(before));
+    let last: Option<NaiveDateTime> = old
         .order(idempotency_keys::created_at.asc())
         .offset(max - 1)
         .select(idempotency_keys::created_at)
         .first(conn)
         .optional()?;
-    diesel::delete(
-        idempotency_keys::table
-            .filter(idempotency_keys::created_at.le(last.unwrap_or(before)))
-            .filter(idempotency_keys::created_at.lt(before)),
-    )
-    .execute(conn)
+    let deleted =
+        diesel::delete(old.filter(idempotency_keys::created_at.le(last.unwrap_or(before))))
+            .execute(conn)?;
+    Ok((deleted, last))
 }
 
 pub fn is_unique_violation(e: &diesel::result::Error) -> bool {

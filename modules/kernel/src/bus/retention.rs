@@ -5,10 +5,11 @@
 //!   consumers of the module, or the relay of a publishing transport) and it is
 //!   older than the retention. The newest row always stays: SQLite numbers the next
 //!   event from it, and `outbox::last_sequence` reads it.
-//! - An inbox record goes once its event is older than the retention. The record
-//!   only guards against the same event coming again; with the local transport a
-//!   consumer's position is past it long before, and JetStream redelivers an
-//!   unacknowledged message within its ack wait.
+//! - An inbox record goes once it was handled longer ago than the retention. The
+//!   record only guards against the same event coming again: with the local
+//!   transport a consumer never reads behind its position, and JetStream delivers
+//!   an event again only while it is unacknowledged, which after a commit means an
+//!   acknowledgement lost with its process and redelivered once a replica pulls.
 //!
 //! Both are deleted in bounded chunks, each its own short transaction, so pruning a
 //! large backlog never holds locks for long. Retries, dead letters, positions and
@@ -19,6 +20,14 @@ use diesel::prelude::*;
 
 use crate::db::{AnyConnection, Db, DbError, write_tx};
 use crate::schema::{colony_consumer_positions as positions, colony_inbox, colony_outbox};
+
+/// Before any timestamp either backend holds (PostgreSQL refuses chrono's own
+/// minimum): where chunks keyed by time start.
+pub fn earliest() -> NaiveDateTime {
+    chrono::NaiveDate::from_ymd_opt(1, 1, 1)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .unwrap_or_default()
+}
 
 /// Rows deleted per statement.
 pub const CHUNK: i64 = 1000;
@@ -53,70 +62,70 @@ pub fn stored_position(conn: &mut AnyConnection, consumer: &str, source: &str) -
         .unwrap_or(0))
 }
 
-/// Deletes, of the `max` oldest outbox rows numbered through `through`, those that
-/// occurred before `before`, never the newest row. Returns how many went: fewer
-/// than `max` when a younger row was among them or none are left.
+/// One chunk of outbox rows: of the `max` oldest rows numbered from `from` through
+/// `through`, those that occurred before `before` go, never the newest row. Returns
+/// how many went and where the next chunk starts (`None`: nothing is left).
 pub fn prune_outbox(
     conn: &mut AnyConnection,
+    from: i64,
     through: i64,
     before: NaiveDateTime,
     max: i64,
-) -> QueryResult<usize> {
+) -> QueryResult<(usize, Option<i64>)> {
     write_tx(conn, |conn| {
         // Inside the transaction: on SQLite writers are serialised, so the newest
         // row stays the newest until the commit.
         let newest = crate::outbox::last_sequence(conn)?;
         let through = through.min(newest - 1);
-        // The chunk is the `max` oldest rows, of which those older than `before`
-        // go: numbers follow publication, so those are nearly all of them, and the
-        // statement reads no more than `max` rows however long the outbox.
+        // Numbers follow publication, so the oldest rows are nearly all older than
+        // `before` when any are; the statement reads no more than `max` of them
+        // however long the outbox, and the next chunk starts after them.
         let last: Option<i64> = colony_outbox::table
+            .filter(colony_outbox::sequence.ge(from))
             .filter(colony_outbox::sequence.le(through))
             .order(colony_outbox::sequence.asc())
             .offset(max - 1)
             .select(colony_outbox::sequence)
             .first(conn)
             .optional()?;
-        diesel::delete(
+        let deleted = diesel::delete(
             colony_outbox::table
+                .filter(colony_outbox::sequence.ge(from))
                 .filter(colony_outbox::sequence.le(last.unwrap_or(through)))
                 .filter(colony_outbox::occurred_at.lt(before)),
         )
-        .execute(conn)
+        .execute(conn)?;
+        Ok((deleted, last.map(|last| last + 1)))
     })
 }
 
-/// Deletes up to `max` of `consumer`'s inbox records of events that occurred before
-/// `before`. Event ids are UUIDv7, so their text sorts by the time they were made
-/// and the primary key finds them. Returns how many went.
+/// One chunk of `consumer`'s inbox records: up to `max` of those handled before
+/// `before`, oldest first, from `from` on. Returns how many went and where the
+/// next chunk starts (`None`: nothing is left).
+///
+/// A record goes by when its event was handled, not when it was made: a consumer
+/// catching up on old events keeps their records the whole retention.
 pub fn prune_inbox(
     conn: &mut AnyConnection,
     consumer: &str,
+    from: NaiveDateTime,
     before: NaiveDateTime,
     max: i64,
-) -> QueryResult<usize> {
-    let floor = event_id_floor(before);
-    let mine = colony_inbox::table.filter(colony_inbox::consumer.eq(consumer));
-    // The chunk ends at the `max`-th record that may go (ids sort by age).
-    let last: Option<String> = mine
-        .filter(colony_inbox::event_id.lt(&floor))
-        .order(colony_inbox::event_id.asc())
+) -> QueryResult<(usize, Option<NaiveDateTime>)> {
+    let old = colony_inbox::table
+        .filter(colony_inbox::consumer.eq(consumer))
+        .filter(colony_inbox::handled_at.ge(from))
+        .filter(colony_inbox::handled_at.lt(before));
+    let last: Option<NaiveDateTime> = old
+        .order(colony_inbox::handled_at.asc())
         .offset(max - 1)
-        .select(colony_inbox::event_id)
+        .select(colony_inbox::handled_at)
         .first(conn)
         .optional()?;
-    let upto = colony_inbox::event_id.le(last.unwrap_or_else(|| floor.clone()));
-    diesel::delete(mine.filter(upto).filter(colony_inbox::event_id.lt(&floor))).execute(conn)
-}
-
-/// The smallest UUIDv7 of the millisecond `before`, as stored: every event id made
-/// earlier sorts below it, every one made at or after it does not.
-pub fn event_id_floor(before: NaiveDateTime) -> String {
-    let millis = u64::try_from(before.and_utc().timestamp_millis()).unwrap_or(0);
-    let mut bytes = [0u8; 16];
-    bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
-    bytes[6] = 0x70;
-    uuid::Uuid::from_bytes(bytes).to_string()
+    let deleted = diesel::delete(old.filter(colony_inbox::handled_at.le(last.unwrap_or(before))))
+        .execute(conn)?;
+    // Records handled in the same instant as `last` went with it.
+    Ok((deleted, last))
 }
 
 /// How far every reader of `db`'s outbox has read; `None` when one of them cannot
@@ -146,9 +155,9 @@ pub async fn read_by_all(db: &Db, readers: &Readers) -> Result<Option<i64>, DbEr
     }
 }
 
-/// One round: prunes `db`'s outbox as far as `readers` allow and the inbox records
-/// of `consumers`, of everything that occurred before `before`, chunk by chunk
-/// until nothing older is left.
+/// One round: prunes `db`'s outbox as far as `readers` allow, of rows that
+/// occurred before `before`, and the inbox records of `consumers` handled before
+/// it, chunk by chunk until nothing older is left.
 pub async fn prune(
     db: &Db,
     readers: &Readers,
@@ -157,41 +166,47 @@ pub async fn prune(
 ) -> Result<Pruned, DbError> {
     let mut pruned = Pruned::default();
     if let Some(through) = read_by_all(db, readers).await? {
-        pruned.outbox = in_chunks(db, move |conn, max| {
-            prune_outbox(conn, through, before, max)
+        pruned.outbox = in_chunks(db, 0, move |conn, from, max| {
+            prune_outbox(conn, from, through, before, max)
         })
         .await?;
     }
     for consumer in consumers {
         let consumer = *consumer;
-        pruned.inbox += in_chunks(db, move |conn, max| {
-            prune_inbox(conn, consumer, before, max)
+        pruned.inbox += in_chunks(db, earliest(), move |conn, from, max| {
+            prune_inbox(conn, consumer, from, before, max)
         })
         .await?;
     }
     Ok(pruned)
 }
 
-/// Runs `delete` (which deletes up to its `max` rows) in `CHUNK`s, each its own
-/// write, until one comes back short; returns how many rows went in all.
-pub async fn in_chunks<F>(db: &Db, delete: F) -> Result<usize, DbError>
+/// Runs `delete` chunk by chunk, each its own write, from key `start`:
+/// `delete(conn, from, max)` deletes up to `max` rows from `from` on and says where
+/// the next chunk starts. Stops when a chunk comes back short or nothing is left;
+/// returns how many rows went in all. (Each chunk starts where the last ended, so
+/// that no statement walks again over what the earlier ones deleted.)
+pub async fn in_chunks<K, F>(db: &Db, start: K, delete: F) -> Result<usize, DbError>
 where
-    F: Fn(&mut AnyConnection, i64) -> QueryResult<usize> + Clone + Send + 'static,
+    K: Send + 'static,
+    F: Fn(&mut AnyConnection, K, i64) -> QueryResult<(usize, Option<K>)> + Clone + Send + 'static,
 {
     let mut total = 0;
+    let mut from = start;
     loop {
         let delete = delete.clone();
-        let n = db
-            .write_one(move |conn| delete(conn, CHUNK).map_err(DbError::from))
+        let (n, next) = db
+            .write_one(move |conn| delete(conn, from, CHUNK).map_err(DbError::from))
             .await?;
         total += n;
-        if i64::try_from(n).unwrap_or(i64::MAX) < CHUNK {
-            return Ok(total);
+        match next {
+            Some(next) if i64::try_from(n).unwrap_or(i64::MAX) >= CHUNK => from = next,
+            _ => return Ok(total),
         }
     }
 }
 
-/// Prunes `db` every `every` until `shutdown`, keeping what occurred within
+/// Prunes `db` every `every` until `shutdown`, keeping what is younger than
 /// `retention` (the first round a little after the start, so that it never adds
 /// to the work of starting).
 pub async fn run(
@@ -212,7 +227,7 @@ pub async fn run(
         wait = every;
         let before = crate::time::now()
             .checked_sub_signed(retention)
-            .unwrap_or(NaiveDateTime::MIN);
+            .unwrap_or_else(earliest);
         match prune(&db, &readers, &consumers, before).await {
             Ok(pruned) if pruned != Pruned::default() => tracing::info!(
                 module = db.module(),

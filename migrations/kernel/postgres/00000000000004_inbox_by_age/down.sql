@@ -1,0 +1,1 @@
+DROP INDEX colony_inbox_by_age;
