@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::runtime::{self, Runtime};
+use crate::runtime::{self, LocalModule, Runtime};
 use crate::settings::Settings;
 use crate::{admin, observe, ops};
 
@@ -154,12 +154,10 @@ fn start_consumers(
         }
     }
     for m in &runtime.modules {
-        let mut inboxes: Vec<&'static str> = m.module.consumers().iter().map(|c| c.name).collect();
-        inboxes.dedup();
         handles.push(tokio::spawn(retention::run(
             m.db.clone(),
             outbox_readers(runtime, m.spec.name),
-            inboxes,
+            inboxes(m),
             settings.bus.retention(),
             settings.bus.prune_interval(),
             shutdown.clone(),
@@ -170,6 +168,13 @@ fn start_consumers(
         handles.push(tokio::spawn(m.db.clone().checkpoints(shutdown.clone())));
     }
     Ok(handles)
+}
+
+/// The consumers whose inbox records `m`'s database holds.
+pub fn inboxes(m: &LocalModule) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = m.module.consumers().iter().map(|c| c.name).collect();
+    names.dedup();
+    names
 }
 
 /// Who reads `module`'s outbox in this process's shape: the relay when a publishing

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use colony::registry;
-use colony::startup::outbox_readers;
+use colony::startup::{inboxes, outbox_readers};
 use diesel::prelude::*;
 use kernel::auth::Role;
 use kernel::bus::retention::{self, Readers};
@@ -82,9 +82,8 @@ async fn prune_all(app: &TestApp, before: chrono::NaiveDateTime) -> retention::P
     let runtime = app.runtime();
     let mut total = retention::Pruned::default();
     for m in &runtime.modules {
-        let consumers: Vec<&'static str> = m.module.consumers().iter().map(|c| c.name).collect();
         let readers = outbox_readers(runtime, m.spec.name);
-        let pruned = retention::prune(&m.db, &readers, &consumers, before)
+        let pruned = retention::prune(&m.db, &readers, &inboxes(m), before)
             .await
             .unwrap();
         total.outbox += pruned.outbox;
