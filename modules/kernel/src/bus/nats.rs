@@ -7,12 +7,18 @@
 //! Replicas of a module share its durable consumer; a lease in the consumer's
 //! database lets one of them at a time pull and handle (`lease.rs`), so events of a
 //! key are handled in order across replicas and across a replica's death.
+//!
+//! The holder keeps a pull request open at the server, on an inbox subscribed for
+//! the subscription's life: an event published while it handles others is on its
+//! way before the pass ends, and no request is sent per pass. Requests are short
+//! (`pull_expiry`) and sent only while the lease is fresh, so that nothing they
+//! deliver outlives the lease's hold on key order.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::watch;
 
 use super::{BoxFuture, BusError, Handled, Subscription, Transport, lease, record_handled};
@@ -364,8 +370,12 @@ impl Transport for NatsTransport {
             ack_wait: self.ack_wait,
             holder: self.holder.clone(),
             lease_ttl: lease_ttl(self.ack_wait),
+            expiry: pull_expiry(self.ack_wait),
             holding: false,
-            renewed_at: std::time::Instant::now(),
+            renewed: None,
+            renewing: None,
+            failing: false,
+            pulls: None,
             buffer: VecDeque::new(),
             pulled: Vec::new(),
             released: Vec::new(),
@@ -388,10 +398,19 @@ struct NatsSubscription {
     holder: String,
     /// Follows the consumer's actual ack wait once known.
     lease_ttl: Duration,
+    /// How long a pull request stays open at the server; follows the ack wait too.
+    expiry: Duration,
     /// Whether the last pass found this process the consumer's holder.
     holding: bool,
-    /// When that pass renewed the lease.
-    renewed_at: std::time::Instant,
+    /// When a pass that committed last renewed the lease (`None`: not known to
+    /// hold it).
+    renewed: Option<Instant>,
+    /// When the pass in progress renewed it, until that pass commits.
+    renewing: Option<Instant>,
+    /// Whether the last pass was rolled back.
+    failing: bool,
+    /// Pull requests and the inbox they deliver to, once the consumer is known.
+    pulls: Option<Pulls>,
     /// Delivered, not yet handed to a pass.
     buffer: VecDeque<(Envelope, jetstream::Message)>,
     /// Handed to the pass in progress; acknowledged once it commits.
@@ -399,6 +418,196 @@ struct NatsSubscription {
     /// Delivered while the lease was lost: handed back to the server (nak), so the
     /// holder gets them next, ahead of anything newer.
     released: Vec<jetstream::Message>,
+}
+
+/// Messages a pull request asks for.
+const PULL_BATCH: usize = 128;
+
+/// How long a pull request stays open at the server, for a consumer whose ack
+/// wait is `ack_wait`. Requests are sent only while the lease was renewed within
+/// a quarter of its length (`NatsSubscription::may_request`); what they deliver
+/// and this process leaves unacknowledged is then due for redelivery, ahead of
+/// newer events, before the lease can pass to another replica:
+/// ttl/4 + expiry + ack wait <= ttl, with ttl = 1.5 ack wait + 0.5 s.
+fn pull_expiry(ack_wait: Duration) -> Duration {
+    (ack_wait / 8).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// Past its expiry, how long a request's end may take to be reported before it
+/// counts as ended anyway (an answer lost with a dropped connection).
+const PULL_GRACE: Duration = Duration::from_millis(100);
+
+/// How long to wait for the next message when the last one said more were
+/// ready for this consumer and an open request still asks for them.
+const MORE_READY: Duration = Duration::from_millis(5);
+
+/// The pull requests of one subscription and the inbox their messages come to.
+/// The inbox stays subscribed as long as the subscription lives, so whatever a
+/// request delivers is received, whether or not it is still counted as open: a
+/// request forgotten (its end never reported) costs at most its expiry and
+/// `PULL_GRACE` before the next one is sent, and never a message.
+struct Pulls {
+    /// Acknowledges the messages.
+    context: jetstream::Context,
+    inbox: async_nats::Subject,
+    delivered: async_nats::Subscriber,
+    /// Requests counted as open, oldest first.
+    open: VecDeque<PullRequest>,
+    /// What the last message said was ready for the consumer behind it.
+    behind: u64,
+    /// The subscription ended.
+    ended: bool,
+}
+
+/// A pull request counted as open.
+struct PullRequest {
+    /// When the next request is sent if this is the last one.
+    followed_at: Instant,
+    /// When the server ends it.
+    ends: Instant,
+    /// The messages it may still bring.
+    left: usize,
+}
+
+impl Pulls {
+    async fn new(context: &jetstream::Context) -> Result<Self, BusError> {
+        let client = context.client();
+        let inbox = async_nats::Subject::from(client.new_inbox());
+        let delivered = client
+            .subscribe(inbox.clone())
+            .await
+            .map_err(transport_error)?;
+        Ok(Self {
+            context: context.clone(),
+            inbox,
+            delivered,
+            open: VecDeque::new(),
+            behind: 0,
+            ended: false,
+        })
+    }
+
+    /// What the open requests may still bring.
+    fn owed(&self) -> usize {
+        self.open.iter().map(|request| request.left).sum()
+    }
+
+    /// When the next request may be due: the last one sent is about to end, or
+    /// the oldest counts as ended though nothing said so.
+    fn next_check(&self) -> Option<Instant> {
+        let oldest = self.open.front()?;
+        let newest = self.open.back()?;
+        Some(newest.followed_at.min(oldest.ends + PULL_GRACE))
+    }
+
+    /// Sends a request when the open ones may bring less than half a batch, or
+    /// the last one sent is about to end.
+    async fn keep_open(
+        &mut self,
+        consumer: &PullConsumer,
+        expiry: Duration,
+    ) -> Result<(), BusError> {
+        let now = Instant::now();
+        self.open
+            .retain(|request| request.left > 0 && request.ends + PULL_GRACE > now);
+        let ending = self
+            .open
+            .back()
+            .is_none_or(|request| request.followed_at <= now);
+        if self.owed() > PULL_BATCH / 2 && !ending {
+            return Ok(());
+        }
+        let request = jetstream::consumer::pull::BatchConfig {
+            batch: PULL_BATCH,
+            expires: Some(expiry),
+            ..Default::default()
+        };
+        answered("a pull request", NO_ANSWER, async {
+            consumer
+                .request_batch(request, self.inbox.clone())
+                .await
+                .map_err(transport_error)
+        })
+        .await?;
+        self.open.push_back(PullRequest {
+            // The next one goes out before this one ends: the server does not
+            // always report an end at once, and an event published in between
+            // would wait for the next request.
+            followed_at: now + expiry * 3 / 4,
+            ends: now + expiry,
+            left: PULL_BATCH,
+        });
+        Ok(())
+    }
+
+    /// The next message, waiting until `until` at most. `None`: none came, or the
+    /// server said a request ended (the caller may want to send another).
+    async fn next(&mut self, until: Instant) -> Result<Option<jetstream::Message>, BusError> {
+        let until = self.next_check().map_or(until, |check| check.min(until));
+        let Ok(message) = tokio::time::timeout_at(until.into(), self.delivered.next()).await else {
+            return Ok(None);
+        };
+        let Some(message) = message else {
+            return Err(self.closed());
+        };
+        self.accept(message)
+    }
+
+    /// A message already received, if any, without waiting.
+    fn ready(&mut self) -> Result<Option<jetstream::Message>, BusError> {
+        while let Some(message) = self.delivered.next().now_or_never() {
+            let Some(message) = message else {
+                return Err(self.closed());
+            };
+            if let Some(message) = self.accept(message)? {
+                return Ok(Some(message));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The inbox's subscription ended (the client closed): a new one is needed.
+    fn closed(&mut self) -> BusError {
+        self.ended = true;
+        BusError::Transport("the pull inbox was closed".into())
+    }
+
+    /// An event's message, counted against the oldest request still owing; a
+    /// status that ends a request ends the oldest (the server answers requests in
+    /// the order they came, and all last as long).
+    fn accept(
+        &mut self,
+        message: async_nats::Message,
+    ) -> Result<Option<jetstream::Message>, BusError> {
+        use async_nats::StatusCode;
+        match message.status {
+            None | Some(StatusCode::OK) => {
+                if let Some(request) = self.open.iter_mut().find(|request| request.left > 0) {
+                    request.left -= 1;
+                }
+                let message = jetstream::Message {
+                    context: self.context.clone(),
+                    message,
+                };
+                self.behind = message.info().map_or(0, |info| info.pending);
+                Ok(Some(message))
+            }
+            Some(StatusCode::IDLE_HEARTBEAT) => Ok(None),
+            Some(StatusCode::TIMEOUT | StatusCode::NOT_FOUND) => {
+                self.open.pop_front();
+                Ok(None)
+            }
+            Some(status) => {
+                // 409: the consumer was deleted, a limit of its refused the
+                // request, or the server is shutting down; 503: no JetStream.
+                self.open.pop_front();
+                let description = message.description.unwrap_or_default();
+                Err(BusError::Transport(format!(
+                    "pull request ended: {status} {description}"
+                )))
+            }
+        }
+    }
 }
 
 impl NatsSubscription {
@@ -421,7 +630,9 @@ impl NatsSubscription {
             )
             .await
             .map_err(transport_error)?;
-        self.lease_ttl = lease_ttl(consumer.cached_info().config.ack_wait);
+        let ack_wait = consumer.cached_info().config.ack_wait;
+        self.lease_ttl = lease_ttl(ack_wait);
+        self.expiry = pull_expiry(ack_wait);
         self.consumer = Some(consumer.clone());
         Ok(consumer)
     }
@@ -439,69 +650,84 @@ impl NatsSubscription {
         }
     }
 
-    /// Takes what is there; when nothing is, waits up to `timeout` for one message,
-    /// then takes what arrived with it, if the server said more were pending. (Asking
-    /// first keeps a second request off the path of an event that is already there.
-    /// The wait asks for one message only: a pending request for more would outlive
-    /// this call and take messages no one reads until their ack wait runs out.)
-    ///
-    /// A request sent while the connection was down may never be answered: each
-    /// gives up `NO_ANSWER` after the server would have answered, and says which
-    /// request it was.
-    async fn receive(&mut self, timeout: Duration) -> Result<(), BusError> {
-        let consumer = answered("the consumer's info", NO_ANSWER, self.consumer()).await?;
-        answered(
-            "a request for ready messages",
-            NO_ANSWER,
-            self.take_ready(&consumer, 256),
-        )
-        .await?;
-        if !self.buffer.is_empty() {
-            return Ok(());
+    /// Whether this process may ask for messages: it holds the lease, renewed by a
+    /// committed pass within a quarter of its length (see `pull_expiry`).
+    fn may_request(&self) -> bool {
+        self.holding
+            && self
+                .renewed
+                .is_some_and(|at| at.elapsed() < self.lease_ttl / 4)
+    }
+
+    /// After a failure: requests are sent afresh. The inbox stays subscribed, so
+    /// that what the old ones still deliver is received, unless it has ended.
+    fn forget_requests(&mut self) {
+        match &mut self.pulls {
+            Some(pulls) if pulls.ended => self.pulls = None,
+            Some(pulls) => pulls.open.clear(),
+            None => {}
         }
-        let expires = timeout.max(Duration::from_millis(100));
-        let waited = async {
-            let mut first = consumer
-                .batch()
-                .max_messages(1)
-                .expires(expires)
-                .messages()
-                .await
-                .map_err(transport_error)?;
-            // Unknown (no metadata): assume more.
-            let mut pending = 1;
-            while let Some(message) = first.next().await {
-                let message = message.map_err(transport_error)?;
-                pending = message.info().map_or(1, |info| info.pending);
-                self.keep(message);
-            }
-            Ok::<_, BusError>(pending)
-        };
-        let pending = answered("a pull request that waits", expires + NO_ANSWER, waited).await?;
-        if !self.buffer.is_empty() && pending > 0 {
-            // What was published with it (one transaction's events come together,
-            // often one this consumer passes by first) joins it in the same pass.
-            // When the server had nothing more, that round trip is saved.
-            answered(
-                "a request for ready messages",
-                NO_ANSWER,
-                self.take_ready(&consumer, 255),
-            )
-            .await?;
+    }
+
+    /// Moves what the inbox has received into the buffer, without waiting.
+    fn take_ready(&mut self) -> Result<(), BusError> {
+        while let Some(message) = self.pulls.as_mut().map_or(Ok(None), Pulls::ready)? {
+            self.keep(message);
         }
         Ok(())
     }
 
-    /// Takes up to `max` messages the server has ready, without waiting for more.
-    async fn take_ready(&mut self, consumer: &PullConsumer, max: usize) -> Result<(), BusError> {
-        let mut ready = consumer
-            .fetch()
-            .max_messages(max)
-            .messages()
-            .await
-            .map_err(transport_error)?;
-        while let Some(message) = ready.next().await {
-            self.keep(message.map_err(transport_error)?);
+    /// Takes what has arrived; when nothing has, waits up to `timeout` for a
+    /// message, keeping a request open meanwhile, then takes what arrived with it,
+    /// waiting a little for what the server said was ready behind it (one
+    /// transaction's events come together, often one this consumer passes by
+    /// first). Returns early, empty-handed, once the lease needs renewing, so
+    /// that a pass renews it and requests go on without a gap.
+    async fn receive(&mut self, timeout: Duration) -> Result<(), BusError> {
+        let consumer = answered("the consumer's info", NO_ANSWER, self.consumer()).await?;
+        if self.pulls.is_none() {
+            self.pulls = Some(Pulls::new(&self.js).await?);
+        }
+        let until = Instant::now() + timeout;
+        loop {
+            self.take_ready()?;
+            if !self.buffer.is_empty() {
+                break;
+            }
+            let renew_by = match self.renewed {
+                Some(at) if self.may_request() => at + self.lease_ttl / 4,
+                // After a failed pass, the wait is its backoff.
+                _ if self.failing => {
+                    tokio::time::sleep_until(until.into()).await;
+                    return Ok(());
+                }
+                // Renewal is due: the pass that follows this call renews.
+                _ => return Ok(()),
+            };
+            let expiry = self.expiry;
+            let Some(pulls) = self.pulls.as_mut() else {
+                return Ok(());
+            };
+            pulls.keep_open(&consumer, expiry).await?;
+            let wake = until.min(renew_by);
+            match pulls.next(wake).await? {
+                Some(message) => self.keep(message),
+                None if Instant::now() >= wake => return Ok(()),
+                None => {}
+            }
+        }
+        // More behind it, and a request open to bring it: wait a moment for it.
+        while let Some(pulls) = self.pulls.as_mut()
+            && pulls.behind > 0
+            && pulls.owed() > 0
+        {
+            match pulls.next(Instant::now() + MORE_READY).await? {
+                Some(message) => {
+                    self.keep(message);
+                    self.take_ready()?;
+                }
+                None => break,
+            }
         }
         Ok(())
     }
@@ -525,7 +751,12 @@ impl Subscription for NatsSubscription {
     fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool> {
         Box::pin(async move {
             if !self.holding {
-                // Another replica holds the lease: try again after the wait.
+                // Another replica holds the lease: try again after the wait. What
+                // requests sent as holder still deliver is handed back by the pass.
+                if let Err(e) = self.take_ready() {
+                    tracing::warn!(consumer = %self.durable, source = %self.source, error = %e, "receiving from NATS failed");
+                    self.forget_requests();
+                }
                 tokio::time::sleep(timeout).await;
                 return false;
             }
@@ -534,6 +765,7 @@ impl Subscription for NatsSubscription {
             {
                 tracing::warn!(consumer = %self.durable, source = %self.source, error = %e, "receiving from NATS failed");
                 self.consumer = None;
+                self.forget_requests();
                 tokio::time::sleep(timeout.min(Duration::from_millis(500))).await;
             }
             !self.buffer.is_empty()
@@ -545,8 +777,10 @@ impl Subscription for NatsSubscription {
         let until = now + chrono::Duration::from_std(self.lease_ttl).unwrap_or_default();
         self.holding = lease::hold(conn, &self.durable, &self.source, &self.holder, now, until)?;
         if self.holding {
-            self.renewed_at = std::time::Instant::now();
+            // Counts once the pass commits (`settle`).
+            self.renewing = Some(Instant::now());
         } else {
+            self.renewed = None;
             self.released
                 .extend(self.buffer.drain(..).map(|(_, message)| message));
             return Ok(Vec::new());
@@ -574,8 +808,7 @@ impl Subscription for NatsSubscription {
     /// standby always runs its pass: that is how it takes over). What is passed by
     /// is acknowledged at the next `settle(true)`, as a pass's events would be.
     fn nothing_wanted(&mut self, wants: &dyn Fn(&str) -> bool) -> Result<bool, BusError> {
-        let fresh = self.holding && self.renewed_at.elapsed() < self.lease_ttl / 4;
-        if !fresh || self.buffer.iter().any(|(event, _)| wants(&event.name)) {
+        if !self.may_request() || self.buffer.iter().any(|(event, _)| wants(&event.name)) {
             return Ok(false);
         }
         self.pulled.extend(self.buffer.drain(..));
@@ -597,7 +830,12 @@ impl Subscription for NatsSubscription {
                 }
             }
             let pulled = std::mem::take(&mut self.pulled);
+            let renewing = self.renewing.take();
+            self.failing = !committed;
             if committed {
+                if renewing.is_some() {
+                    self.renewed = renewing;
+                }
                 for (_, message) in pulled {
                     if let Err(e) = message.ack().await {
                         // It comes again after the ack wait; the inbox makes it a no-op.
