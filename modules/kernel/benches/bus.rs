@@ -7,6 +7,12 @@
 //!   256) handles them through the `LocalTransport`, each handling writing one state
 //!   row besides the engine's inbox row;
 //! - (c) commit→handled latency p50/p99 with the producer paced at half of (b);
+//! - (d) when `COLONY_TEST_NATS_URL` names a JetStream server: commit→handled at a
+//!   moderate pace (`--hop-rate`, 200 events/s), in process and then with NATS
+//!   JetStream between the two modules (the producer's outbox relay publishing, the
+//!   consumer's `NatsTransport` subscription pulling, production ack wait), and what
+//!   NATS adds — the cost of one hop between processes, without the rest of a split
+//!   topology around it;
 //! - for reading (b), no target: the producer loop with no consumer running, then the
 //!   consumer draining that backlog in full batches.
 //!
@@ -17,7 +23,8 @@
 //! pass when the engine settles it, which it does right after that pass committed.
 //!
 //! Run: `cargo bench -p colony-kernel --bench bus -- [--backend sqlite|postgres|both]
-//! [--events N] [--seconds S]`. PostgreSQL comes from `COLONY_TEST_DATABASE_URL`.
+//! [--events N] [--seconds S]`. PostgreSQL comes from `COLONY_TEST_DATABASE_URL`,
+//! NATS from `COLONY_TEST_NATS_URL`.
 //! Targets are printed as PASS/MISS, never asserted: machines are noisy.
 
 use std::path::Path;
@@ -31,7 +38,7 @@ use diesel_migrations::{EmbeddedMigrations, embed_migrations};
 use kernel::benchkit::{Percentiles, RawRate, percentiles, raw_commit_rate};
 use kernel::bus::{
     BoxFuture, BusError, Consumer, ConsumerEngine, EventHandler, Handled, HandlerError,
-    LocalTransport, RetryPolicy, Subscription, Transport,
+    LocalTransport, NatsTransport, RetryPolicy, Subscription, Transport,
 };
 use kernel::db::{self, Backend, Location, PoolOptions, write_tx};
 use kernel::metrics::Metrics;
@@ -64,6 +71,10 @@ diesel::table! {
 const TARGET_RATIO: f64 = 0.5;
 const TARGET_P50_MS: f64 = 1.0;
 const TARGET_P99_MS: f64 = 10.0;
+/// Targets of (d) (the issue "extraction"): what NATS adds to (c), p50 and p99 ms.
+const TARGET_ADDED_P50_MS: f64 = 1.0;
+const TARGET_ADDED_P99_MS: f64 = 5.0;
+const NATS_ENV: &str = "COLONY_TEST_NATS_URL";
 /// Events published and handled before each timed bus run (connections, first pass).
 const WARMUP_EVENTS: usize = 50;
 /// Concurrent writers of the second PostgreSQL raw figure.
@@ -88,6 +99,8 @@ struct Args {
     /// Events of the throughput runs; `None`: the backend's default.
     events: Option<usize>,
     seconds: f64,
+    /// Events/s of the (d) runs.
+    hop_rate: f64,
 }
 
 impl Args {
@@ -105,6 +118,7 @@ fn parse_args() -> Result<Args> {
     let mut backend = "both".to_string();
     let mut events = None;
     let mut seconds = 5.0_f64;
+    let mut hop_rate = 200.0_f64;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -123,13 +137,15 @@ fn parse_args() -> Result<Args> {
             "--backend" => backend = value("--backend")?,
             "--events" => events = Some(value("--events")?.parse().context("--events")?),
             "--seconds" => seconds = value("--seconds")?.parse().context("--seconds")?,
+            "--hop-rate" => hop_rate = value("--hop-rate")?.parse().context("--hop-rate")?,
             "-h" | "--help" => {
                 println!(
                     "usage: cargo bench -p colony-kernel --bench bus -- \
-                     [--backend sqlite|postgres|both] [--events N] [--seconds S]\n\
+                     [--backend sqlite|postgres|both] [--events N] [--seconds S] [--hop-rate R]\n\
                      N: events of the throughput runs (default 20000 on SQLite, 5000 on PostgreSQL)\n\
-                     S: length of each raw commit loop and of the paced latency run (default 5)\n\
-                     PostgreSQL: {POSTGRES_ENV}"
+                     S: length of each raw commit loop and of each paced latency run (default 5)\n\
+                     R: events/s of the (d) runs, locally and over NATS (default 200)\n\
+                     PostgreSQL: {POSTGRES_ENV}; NATS JetStream, for (d): {NATS_ENV}"
                 );
                 std::process::exit(0);
             }
@@ -142,13 +158,14 @@ fn parse_args() -> Result<Args> {
         "both" => vec![Backend::Sqlite, Backend::Postgres],
         other => bail!("--backend must be sqlite, postgres or both, got {other:?}"),
     };
-    if events == Some(0) || seconds <= 0.0 {
-        bail!("--events and --seconds must be positive");
+    if events == Some(0) || seconds <= 0.0 || hop_rate <= 0.0 {
+        bail!("--events, --seconds and --hop-rate must be positive");
     }
     Ok(Args {
         backends,
         events,
         seconds,
+        hop_rate,
     })
 }
 
@@ -403,13 +420,42 @@ struct BusRig {
     _test_db: TestDatabase,
 }
 
+/// What carries the events from producer to consumer.
+#[derive(Clone)]
+enum Carrier {
+    Local,
+    /// JetStream, under a subject prefix of this run's own.
+    Nats(Arc<NatsTransport>),
+}
+
 impl BusRig {
-    fn start(backend: Backend, total: usize, consume: bool) -> Result<Self> {
+    async fn start(
+        backend: Backend,
+        total: usize,
+        consume: bool,
+        carrier: &Carrier,
+    ) -> Result<Self> {
         let test_db = fresh_database(backend)?;
         let producer = open(&test_db, "alpha")?;
         let consumer = open(&test_db, "beta")?;
-        let mut transport = LocalTransport::new();
-        transport.add_source(producer.clone());
+        let (stop, stopped) = watch::channel(false);
+        let policy = RetryPolicy::default();
+        let inner = match carrier {
+            Carrier::Local => {
+                let mut transport = LocalTransport::new();
+                transport.add_source(producer.clone());
+                transport.subscribe("beta", "alpha")?
+            }
+            Carrier::Nats(nats) => {
+                // A fresh stream: each rig's outbox numbers events from 1.
+                let _ = nats.delete_stream("alpha").await;
+                nats.ensure_stream("alpha").await?;
+                let (relay, db, stopped) = (nats.clone(), producer.clone(), stop.subscribe());
+                let poll = policy.poll_interval;
+                tokio::spawn(async move { relay.relay(db, poll, stopped).await });
+                nats.subscribe("beta", "alpha")?
+            }
+        };
         let tracker = Arc::new(Tracker::new(total));
         let engine = ConsumerEngine::new(
             Consumer {
@@ -421,15 +467,14 @@ impl BusRig {
                 }),
             },
             consumer.clone(),
-            RetryPolicy::default(),
+            policy,
             Arc::new(Metrics::default()),
         );
         let sub = Box::new(Timed {
-            inner: transport.subscribe("beta", "alpha")?,
+            inner,
             in_pass: Vec::new(),
             tracker: tracker.clone(),
         });
-        let (stop, stopped) = watch::channel(false);
         // As the application runs them: SQLite logs copied into their files beside
         // the writers (nothing on PostgreSQL).
         for db in [&producer, &consumer] {
@@ -559,7 +604,7 @@ struct Alone {
 }
 
 async fn each_side_alone(backend: Backend, events: usize) -> Result<Alone> {
-    let mut rig = BusRig::start(backend, events, false)?;
+    let mut rig = BusRig::start(backend, events, false, &Carrier::Local).await?;
     let started = Instant::now();
     rig.produce(events, None).await?;
     let producer = events as f64 / started.elapsed().as_secs_f64();
@@ -582,7 +627,7 @@ async fn each_side_alone(backend: Backend, events: usize) -> Result<Alone> {
 /// (b): N events as fast as one producer commits them; from the first timed commit
 /// until the last event's consumer transaction committed.
 async fn bus_throughput(backend: Backend, events: usize) -> Result<Throughput> {
-    let mut rig = BusRig::start(backend, WARMUP_EVENTS + events, true)?;
+    let mut rig = BusRig::start(backend, WARMUP_EVENTS + events, true, &Carrier::Local).await?;
     rig.produce(WARMUP_EVENTS, None).await?;
     rig.drained(Duration::from_secs(30)).await?;
     let passes_before = rig.tracker.marks().passes;
@@ -622,10 +667,16 @@ struct Latency {
     passes: usize,
 }
 
-/// (c): events paced at `rate`; per event, from its producer commit to its consumer
-/// commit (and, for reference, to the moment the handler ran inside that transaction).
-async fn bus_latency(backend: Backend, rate: f64, events: usize) -> Result<Latency> {
-    let mut rig = BusRig::start(backend, WARMUP_EVENTS + events, true)?;
+/// (c), and (d) over NATS: events paced at `rate`; per event, from its producer
+/// commit to its consumer commit (and, for reference, to the moment the handler ran
+/// inside that transaction).
+async fn bus_latency(
+    backend: Backend,
+    rate: f64,
+    events: usize,
+    carrier: &Carrier,
+) -> Result<Latency> {
+    let mut rig = BusRig::start(backend, WARMUP_EVENTS + events, true, carrier).await?;
     rig.produce(WARMUP_EVENTS, None).await?;
     rig.drained(Duration::from_secs(30)).await?;
     let passes_before = rig.tracker.marks().passes;
@@ -667,6 +718,23 @@ struct Figures {
     alone: Alone,
     bus: Throughput,
     latency: Latency,
+    /// (d), when NATS was configured.
+    over_nats: Option<Hop>,
+}
+
+/// (d): the same paced run in process and over NATS.
+struct Hop {
+    local: Latency,
+    nats: Latency,
+}
+
+impl Hop {
+    fn added(&self) -> (f64, f64) {
+        (
+            self.nats.committed.p50 - self.local.committed.p50,
+            self.nats.committed.p99 - self.local.committed.p99,
+        )
+    }
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -774,7 +842,7 @@ async fn measure(backend: Backend, args: &Args) -> Result<Figures> {
     let rate = bus.per_second() * 0.5;
     let events = ((rate * args.seconds).round() as usize).clamp(200.min(n), n);
     eprintln!("   [{name}] (c) latency at {rate:.0} events/s, {events} events ...");
-    let latency = bus_latency(backend, rate, events).await?;
+    let latency = bus_latency(backend, rate, events, &Carrier::Local).await?;
     println!(
         "(c) commit -> handled (consumer txn committed), paced at {:.0} events/s asked, {:.0} achieved, {} events, {} passes",
         latency.rate_asked, latency.rate_achieved, latency.events, latency.passes
@@ -793,6 +861,54 @@ async fn measure(backend: Backend, args: &Args) -> Result<Figures> {
         "    max {:>8.3} ms;  commit -> handler ran (before its commit): p50 {:.3} ms, p99 {:.3} ms",
         latency.committed.max, latency.handler.p50, latency.handler.p99
     );
+    let over_nats = match nats_carrier().await? {
+        Some(carrier) => {
+            let rate = args.hop_rate;
+            let events = ((rate * args.seconds).round() as usize).max(100);
+            eprintln!(
+                "   [{name}] (d) latency at {rate:.0} events/s, locally then over NATS, {events} events each ..."
+            );
+            let local = bus_latency(backend, rate, events, &Carrier::Local).await?;
+            let nats = bus_latency(backend, rate, events, &carrier).await;
+            if let Carrier::Nats(transport) = &carrier {
+                let _ = transport.delete_stream("alpha").await;
+            }
+            let nats = nats?;
+            let hop = Hop { local, nats };
+            println!(
+                "(d) one hop over NATS JetStream (relay -> stream -> pull consumer) against the same in process, paced at {rate:.0} events/s, {events} events each"
+            );
+            for (label, local, nats, target) in [
+                (
+                    "p50",
+                    hop.local.committed.p50,
+                    hop.nats.committed.p50,
+                    TARGET_ADDED_P50_MS,
+                ),
+                (
+                    "p99",
+                    hop.local.committed.p99,
+                    hop.nats.committed.p99,
+                    TARGET_ADDED_P99_MS,
+                ),
+            ] {
+                let added = nats - local;
+                println!(
+                    "    {label} {nats:>8.3} ms over NATS, {local:.3} ms in process: added {added:+.3} ms   target <= +{target} ms   {}",
+                    verdict(added <= target)
+                );
+            }
+            println!(
+                "    max {:>8.3} ms over NATS, {:.3} ms in process",
+                hop.nats.committed.max, hop.local.committed.max
+            );
+            Some(hop)
+        }
+        None => {
+            println!("(d) SKIPPED: {NATS_ENV} is not set (a NATS server with JetStream)");
+            None
+        }
+    };
     Ok(Figures {
         backend,
         raw,
@@ -800,19 +916,32 @@ async fn measure(backend: Backend, args: &Args) -> Result<Figures> {
         alone,
         bus,
         latency,
+        over_nats,
     })
+}
+
+/// JetStream under a prefix of this run's own, when `NATS_ENV` is set.
+async fn nats_carrier() -> Result<Option<Carrier>> {
+    let Some(url) = std::env::var(NATS_ENV).ok().filter(|u| !u.is_empty()) else {
+        return Ok(None);
+    };
+    let prefix = format!("bench{}", Uuid::now_v7().simple());
+    let transport = NatsTransport::connect(&url, &prefix)
+        .await
+        .map_err(|e| anyhow!("{NATS_ENV}={url}: {e}"))?;
+    Ok(Some(Carrier::Nats(Arc::new(transport))))
 }
 
 fn summary(all: &[Figures]) {
     println!();
     println!(
-        "| backend | (a) commits/s, 1 writer | (a) commits/s, {PG_WRITERS} writers | producer alone, events/s | consumer alone, events/s | (b) events/s | (b)/(a), 1 writer | p50 ms | p99 ms |"
+        "| backend | (a) commits/s, 1 writer | (a) commits/s, {PG_WRITERS} writers | producer alone, events/s | consumer alone, events/s | (b) events/s | (b)/(a), 1 writer | p50 ms | p99 ms | (d) NATS adds, p50 / p99 ms |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for f in all {
         let ratio = f.bus.per_second() / f.raw.per_second();
         println!(
-            "| {} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.2} {} | {:.3} {} | {:.3} {} |",
+            "| {} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {:.2} {} | {:.3} {} | {:.3} {} | {} |",
             f.backend.as_str(),
             f.raw.per_second(),
             f.raw_concurrent
@@ -827,6 +956,17 @@ fn summary(all: &[Figures]) {
             verdict(f.latency.committed.p50 <= TARGET_P50_MS),
             f.latency.committed.p99,
             verdict(f.latency.committed.p99 <= TARGET_P99_MS),
+            f.over_nats.as_ref().map_or_else(
+                || "–".to_string(),
+                |hop| {
+                    let (p50, p99) = hop.added();
+                    format!(
+                        "{p50:+.3} {} / {p99:+.3} {}",
+                        verdict(p50 <= TARGET_ADDED_P50_MS),
+                        verdict(p99 <= TARGET_ADDED_P99_MS)
+                    )
+                }
+            ),
         );
     }
 }
@@ -859,7 +999,7 @@ fn main() -> Result<()> {
         args.seconds
     );
     println!(
-        "targets   (b)/(a) >= {TARGET_RATIO}, p50 <= {TARGET_P50_MS} ms, p99 <= {TARGET_P99_MS} ms (printed, not asserted)"
+        "targets   (b)/(a) >= {TARGET_RATIO}, p50 <= {TARGET_P50_MS} ms, p99 <= {TARGET_P99_MS} ms; (d) adds <= {TARGET_ADDED_P50_MS} ms p50, <= {TARGET_ADDED_P99_MS} ms p99 (printed, not asserted)"
     );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
