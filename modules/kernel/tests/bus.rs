@@ -506,6 +506,87 @@ async fn a_broken_consumer_does_not_hold_back_another(test_db: TestDatabase, via
     s.teardown().await;
 }
 
+/// Counts the passes that did not commit.
+struct CountingFailures {
+    inner: Box<dyn Subscription>,
+    failed: Arc<AtomicI64>,
+}
+
+impl Subscription for CountingFailures {
+    fn wait(&mut self, timeout: Duration) -> kernel::bus::BoxFuture<'_, bool> {
+        self.inner.wait(timeout)
+    }
+
+    fn pull(
+        &mut self,
+        conn: &mut AnyConnection,
+        max: usize,
+    ) -> Result<Vec<Envelope>, kernel::bus::BusError> {
+        self.inner.pull(conn, max)
+    }
+
+    fn advance(
+        &mut self,
+        conn: &mut AnyConnection,
+        last: &Envelope,
+        handled: &kernel::bus::Handled<'_>,
+    ) -> Result<(), kernel::bus::BusError> {
+        self.inner.advance(conn, last, handled)
+    }
+
+    fn may_redeliver(&self) -> bool {
+        self.inner.may_redeliver()
+    }
+
+    fn rewind(&mut self) {
+        self.inner.rewind();
+    }
+
+    fn settle(&mut self, committed: bool) -> kernel::bus::BoxFuture<'_, ()> {
+        if !committed {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+        }
+        self.inner.settle(committed)
+    }
+}
+
+/// A pass that fails (here: the consumer's inbox table is gone) is run again
+/// only after a backoff, even though the events it failed on are in hand.
+async fn a_failing_pass_waits_its_backoff(test_db: TestDatabase, via: Via) {
+    let s = setup_via(&test_db, via).await;
+    publish(&s.producer, "k1", 1);
+    diesel::sql_query("DROP TABLE colony_inbox")
+        .execute(&mut s.consumer.pool().get().unwrap())
+        .unwrap();
+    let failed = Arc::new(AtomicI64::new(0));
+    let sub = Box::new(CountingFailures {
+        inner: s.transport.subscribe("beta", "alpha").unwrap(),
+        failed: failed.clone(),
+    });
+    let engine = engine(&s.consumer, Arc::new(Recorder::new("beta")), policy());
+    let (stop, stopped) = watch::channel(false);
+    let running = tokio::spawn(engine.run(sub, stopped));
+    let failing = eventually(Duration::from_secs(10), || {
+        failed.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    assert!(failing, "no pass failed");
+    // The backoff starts at half a second and doubles.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.send(true).unwrap();
+    running.await.unwrap();
+    let failed = failed.load(Ordering::SeqCst);
+    assert!(
+        failed <= 5,
+        "{failed} failed passes in about 1.5 s: retried without backing off"
+    );
+    s.teardown().await;
+}
+
+async fn a_failing_pass_waits_its_backoff_locally(test_db: TestDatabase) {
+    a_failing_pass_waits_its_backoff(test_db, Via::Local).await;
+}
+
 async fn a_rolled_back_transaction_publishes_nothing(test_db: TestDatabase) {
     let s = setup(&test_db);
     let mut conn = s.producer.pool().get().unwrap();
@@ -1752,6 +1833,17 @@ mod nats {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_pass_waits_its_backoff() {
+        if super::nats_available() {
+            super::a_failing_pass_waits_its_backoff(
+                super::TestDatabase::sqlite(),
+                super::Via::Nats,
+            )
+            .await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn replicas_of_a_consumer_keep_key_order() {
         if super::nats_available() {
             super::replicas_of_a_consumer_keep_key_order(super::TestDatabase::sqlite()).await;
@@ -1813,6 +1905,7 @@ on_both_backends!(
     a_permanent_failure_is_parked_and_the_consumer_continues,
     a_poison_key_does_not_hold_back_other_keys,
     a_broken_consumer_does_not_hold_back_another_locally,
+    a_failing_pass_waits_its_backoff_locally,
     a_rolled_back_transaction_publishes_nothing,
     two_bus_instances_never_handle_the_same_event_at_once,
     replicas_keep_key_order_through_retries,

@@ -8,11 +8,12 @@
 //! database lets one of them at a time pull and handle (`lease.rs`), so events of a
 //! key are handled in order across replicas and across a replica's death.
 //!
-//! The holder keeps a pull request open at the server, on an inbox subscribed for
-//! the subscription's life: an event published while it handles others is on its
-//! way before the pass ends, and no request is sent per pass. Requests are short
-//! (`pull_expiry`) and sent only while the lease is fresh, so that nothing they
-//! deliver outlives the lease's hold on key order.
+//! The holder keeps a pull request open at the server, on an inbox that stays
+//! subscribed while requests may deliver to it: an event published while it
+//! handles others is on its way before the pass ends (unless the pass outlasts the
+//! request, up to a second), and no request is sent per pass. Requests are short
+//! (`Request`) and sent only while the lease is fresh and the connection up, so
+//! that nothing they deliver outlives the lease's hold on key order.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -370,7 +371,7 @@ impl Transport for NatsTransport {
             ack_wait: self.ack_wait,
             holder: self.holder.clone(),
             lease_ttl: lease_ttl(self.ack_wait),
-            expiry: pull_expiry(self.ack_wait),
+            request: Request::for_ack_wait(self.ack_wait),
             holding: false,
             renewed: None,
             renewing: None,
@@ -398,15 +399,16 @@ struct NatsSubscription {
     holder: String,
     /// Follows the consumer's actual ack wait once known.
     lease_ttl: Duration,
-    /// How long a pull request stays open at the server; follows the ack wait too.
-    expiry: Duration,
+    /// What a pull request asks for and how long it stays open at the server:
+    /// follows the ack wait, within the consumer's own limits.
+    request: Request,
     /// Whether the last pass found this process the consumer's holder.
     holding: bool,
-    /// When a pass that committed last renewed the lease (`None`: not known to
-    /// hold it).
-    renewed: Option<Instant>,
-    /// When the pass in progress renewed it, until that pass commits.
-    renewing: Option<Instant>,
+    /// When a pass that committed last renewed the lease, and for how long
+    /// (`None`: not known to hold it).
+    renewed: Option<(Instant, Duration)>,
+    /// The same for the pass in progress, until that pass commits.
+    renewing: Option<(Instant, Duration)>,
     /// Whether the last pass was rolled back.
     failing: bool,
     /// Pull requests and the inbox they deliver to, once the consumer is known.
@@ -420,17 +422,44 @@ struct NatsSubscription {
     released: Vec<jetstream::Message>,
 }
 
-/// Messages a pull request asks for.
+/// Messages a pull request asks for, unless the consumer allows fewer.
 const PULL_BATCH: usize = 128;
 
-/// How long a pull request stays open at the server, for a consumer whose ack
-/// wait is `ack_wait`. Requests are sent only while the lease was renewed within
-/// a quarter of its length (`NatsSubscription::may_request`); what they deliver
-/// and this process leaves unacknowledged is then due for redelivery, ahead of
-/// newer events, before the lease can pass to another replica:
-/// ttl/4 + expiry + ack wait <= ttl, with ttl = 1.5 ack wait + 0.5 s.
-fn pull_expiry(ack_wait: Duration) -> Duration {
-    (ack_wait / 8).clamp(Duration::from_millis(50), Duration::from_secs(1))
+/// What pull requests ask for.
+#[derive(Clone, Copy)]
+struct Request {
+    batch: usize,
+    /// How long a request stays open at the server: an eighth of the ack wait.
+    /// Requests are sent only while the lease was renewed within a quarter of its
+    /// length (`NatsSubscription::may_request`), over a connection that is up; what
+    /// they deliver and this process leaves unacknowledged is then due for
+    /// redelivery, ahead of newer events, before the lease can pass to another
+    /// replica: ttl/4 + expiry + ack wait <= ttl, with ttl = 1.5 ack wait + 0.5 s.
+    expiry: Duration,
+}
+
+impl Request {
+    fn for_ack_wait(ack_wait: Duration) -> Self {
+        Self {
+            batch: PULL_BATCH,
+            expiry: (ack_wait / 8).clamp(Duration::from_millis(50), Duration::from_secs(1)),
+        }
+    }
+
+    /// Within the limits of a consumer made elsewhere, which refuses larger
+    /// requests.
+    fn for_consumer(config: &jetstream::consumer::Config) -> Self {
+        let mut request = Self::for_ack_wait(config.ack_wait);
+        if let Ok(max) = usize::try_from(config.max_batch)
+            && max > 0
+        {
+            request.batch = request.batch.min(max);
+        }
+        if !config.max_expires.is_zero() {
+            request.expiry = request.expiry.min(config.max_expires);
+        }
+        request
+    }
 }
 
 /// Past its expiry, how long a request's end may take to be reported before it
@@ -442,10 +471,9 @@ const PULL_GRACE: Duration = Duration::from_millis(100);
 const MORE_READY: Duration = Duration::from_millis(5);
 
 /// The pull requests of one subscription and the inbox their messages come to.
-/// The inbox stays subscribed as long as the subscription lives, so whatever a
-/// request delivers is received, whether or not it is still counted as open: a
-/// request forgotten (its end never reported) costs at most its expiry and
-/// `PULL_GRACE` before the next one is sent, and never a message.
+/// The inbox stays subscribed while requests may deliver to it
+/// (`NatsSubscription::retire_pulls`), so whatever a request delivers is
+/// received, whether or not it is still counted as open.
 struct Pulls {
     /// Acknowledges the messages.
     context: jetstream::Context,
@@ -505,7 +533,7 @@ impl Pulls {
     async fn keep_open(
         &mut self,
         consumer: &PullConsumer,
-        expiry: Duration,
+        request: Request,
     ) -> Result<(), BusError> {
         let now = Instant::now();
         self.open
@@ -514,11 +542,12 @@ impl Pulls {
             .open
             .back()
             .is_none_or(|request| request.followed_at <= now);
-        if self.owed() > PULL_BATCH / 2 && !ending {
+        if self.owed() > request.batch / 2 && !ending {
             return Ok(());
         }
+        let Request { batch, expiry } = request;
         let request = jetstream::consumer::pull::BatchConfig {
-            batch: PULL_BATCH,
+            batch,
             expires: Some(expiry),
             ..Default::default()
         };
@@ -535,7 +564,7 @@ impl Pulls {
             // would wait for the next request.
             followed_at: now + expiry * 3 / 4,
             ends: now + expiry,
-            left: PULL_BATCH,
+            left: batch,
         });
         Ok(())
     }
@@ -573,8 +602,10 @@ impl Pulls {
     }
 
     /// An event's message, counted against the oldest request still owing; a
-    /// status that ends a request ends the oldest (the server answers requests in
-    /// the order they came, and all last as long).
+    /// status that ends a request ends the oldest. (The server may spread
+    /// messages over the open requests in turn, so the count per request is an
+    /// estimate: at worst a request is sent early, or one ending unreported is
+    /// followed on time anyway, as every request is; see `PullRequest`.)
     fn accept(
         &mut self,
         message: async_nats::Message,
@@ -597,9 +628,21 @@ impl Pulls {
                 self.open.pop_front();
                 Ok(None)
             }
+            Some(StatusCode::REQUEST_TERMINATED)
+                if message.description.as_deref().is_some_and(|d| {
+                    d.eq_ignore_ascii_case("Leadership Change")
+                        || d.eq_ignore_ascii_case("Server Shutdown")
+                }) =>
+            {
+                // The request ended with its server's role; the next one goes
+                // to whichever server leads the consumer now.
+                self.open.pop_front();
+                Ok(None)
+            }
             Some(status) => {
-                // 409: the consumer was deleted, a limit of its refused the
-                // request, or the server is shutting down; 503: no JetStream.
+                // 409: the consumer was deleted, or a limit of its refused the
+                // request; 503: no JetStream. Asking again at once would be
+                // refused again: the caller backs off.
                 self.open.pop_front();
                 let description = message.description.unwrap_or_default();
                 Err(BusError::Transport(format!(
@@ -630,9 +673,9 @@ impl NatsSubscription {
             )
             .await
             .map_err(transport_error)?;
-        let ack_wait = consumer.cached_info().config.ack_wait;
-        self.lease_ttl = lease_ttl(ack_wait);
-        self.expiry = pull_expiry(ack_wait);
+        let config = &consumer.cached_info().config;
+        self.lease_ttl = lease_ttl(config.ack_wait);
+        self.request = Request::for_consumer(config);
         self.consumer = Some(consumer.clone());
         Ok(consumer)
     }
@@ -651,12 +694,37 @@ impl NatsSubscription {
     }
 
     /// Whether this process may ask for messages: it holds the lease, renewed by a
-    /// committed pass within a quarter of its length (see `pull_expiry`).
+    /// committed pass within a quarter of its length (see `Request::expiry`).
     fn may_request(&self) -> bool {
-        self.holding
+        self.holding && self.renewed.is_some_and(|(at, ttl)| at.elapsed() < ttl / 4)
+    }
+
+    /// Drops the inbox, and with it whatever requests still point at it, once none
+    /// of them may deliver at this process's right: the connection dropped (a
+    /// request queued meanwhile would reach the server late, and the server skips
+    /// requests whose inbox has no subscriber), or the lease was renewed longer ago
+    /// than requests are sent plus their expiry. What the inbox received first is
+    /// kept, to be handled or handed back.
+    fn retire_pulls(&mut self) {
+        if self.pulls.is_none() {
+            return;
+        }
+        let connected = self.connected();
+        let outlived = !self.may_request()
             && self
                 .renewed
-                .is_some_and(|at| at.elapsed() < self.lease_ttl / 4)
+                .is_none_or(|(at, ttl)| at.elapsed() > ttl / 4 + self.request.expiry + PULL_GRACE);
+        if connected && !outlived {
+            return;
+        }
+        if let Err(e) = self.take_ready() {
+            tracing::debug!(consumer = %self.durable, error = %e, "inbox retired after an error");
+        }
+        self.pulls = None;
+    }
+
+    fn connected(&self) -> bool {
+        self.js.client().connection_state() == async_nats::connection::State::Connected
     }
 
     /// After a failure: requests are sent afresh. The inbox stays subscribed, so
@@ -682,8 +750,14 @@ impl NatsSubscription {
     /// waiting a little for what the server said was ready behind it (one
     /// transaction's events come together, often one this consumer passes by
     /// first). Returns early, empty-handed, once the lease needs renewing, so
-    /// that a pass renews it and requests go on without a gap.
+    /// that a pass renews it and requests go on (with a gap only if that pass
+    /// takes longer than what is left of the last request).
     async fn receive(&mut self, timeout: Duration) -> Result<(), BusError> {
+        if !self.connected() {
+            // Readiness says the transport is down; the client reconnects.
+            tokio::time::sleep(timeout).await;
+            return Ok(());
+        }
         let consumer = answered("the consumer's info", NO_ANSWER, self.consumer()).await?;
         if self.pulls.is_none() {
             self.pulls = Some(Pulls::new(&self.js).await?);
@@ -695,20 +769,15 @@ impl NatsSubscription {
                 break;
             }
             let renew_by = match self.renewed {
-                Some(at) if self.may_request() => at + self.lease_ttl / 4,
-                // After a failed pass, the wait is its backoff.
-                _ if self.failing => {
-                    tokio::time::sleep_until(until.into()).await;
-                    return Ok(());
-                }
+                Some((at, ttl)) if self.may_request() => at + ttl / 4,
                 // Renewal is due: the pass that follows this call renews.
                 _ => return Ok(()),
             };
-            let expiry = self.expiry;
+            let request = self.request;
             let Some(pulls) = self.pulls.as_mut() else {
                 return Ok(());
             };
-            pulls.keep_open(&consumer, expiry).await?;
+            pulls.keep_open(&consumer, request).await?;
             let wake = until.min(renew_by);
             match pulls.next(wake).await? {
                 Some(message) => self.keep(message),
@@ -750,6 +819,13 @@ async fn answered<T>(
 impl Subscription for NatsSubscription {
     fn wait(&mut self, timeout: Duration) -> BoxFuture<'_, bool> {
         Box::pin(async move {
+            self.retire_pulls();
+            if self.failing {
+                // After a failed pass the wait is its backoff, even with events
+                // waiting in the buffer (they are the ones that failed).
+                tokio::time::sleep(timeout).await;
+                return !self.buffer.is_empty();
+            }
             if !self.holding {
                 // Another replica holds the lease: try again after the wait. What
                 // requests sent as holder still deliver is handed back by the pass.
@@ -773,12 +849,14 @@ impl Subscription for NatsSubscription {
     }
 
     fn pull(&mut self, conn: &mut AnyConnection, max: usize) -> Result<Vec<Envelope>, BusError> {
+        // Taken first: the lease runs from no later than this.
+        let renewing = (Instant::now(), self.lease_ttl);
         let now = crate::time::now();
         let until = now + chrono::Duration::from_std(self.lease_ttl).unwrap_or_default();
         self.holding = lease::hold(conn, &self.durable, &self.source, &self.holder, now, until)?;
         if self.holding {
             // Counts once the pass commits (`settle`).
-            self.renewing = Some(Instant::now());
+            self.renewing = Some(renewing);
         } else {
             self.renewed = None;
             self.released
