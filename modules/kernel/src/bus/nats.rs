@@ -548,6 +548,11 @@ impl NatsSubscription {
                 // Renewal is due: the pass that follows this call renews.
                 _ => return Ok(()),
             };
+            if !self.connected() {
+                // A request now would wait in the client for the reconnect: the
+                // next wait retires the inbox instead.
+                return Ok(());
+            }
             let request = self.request;
             let Some(pulls) = self.pulls.as_mut() else {
                 return Ok(());
