@@ -365,6 +365,7 @@ impl Transport for NatsTransport {
 
     fn subscribe(&self, consumer: &str, source: &str) -> Result<Box<dyn Subscription>, BusError> {
         Ok(Box::new(NatsSubscription {
+            client: self.client.clone(),
             js: self.js.clone(),
             prefix: self.prefix.clone(),
             source: source.to_string(),
@@ -391,6 +392,8 @@ impl Transport for NatsTransport {
 }
 
 struct NatsSubscription {
+    /// Its connection's state is read at every wait.
+    client: async_nats::Client,
     js: jetstream::Context,
     prefix: String,
     source: String,
@@ -499,7 +502,7 @@ impl NatsSubscription {
     }
 
     fn connected(&self) -> bool {
-        self.js.client().connection_state() == async_nats::connection::State::Connected
+        self.client.connection_state() == async_nats::connection::State::Connected
     }
 
     /// After a failure: requests are sent afresh. The inbox stays subscribed, so
