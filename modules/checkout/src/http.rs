@@ -276,6 +276,27 @@ fn replay(
     }
 }
 
+/// Refuses a placement for what it found in the cart, unless a duplicate of it
+/// placed its order after the key was looked up (that order's confirmation empties
+/// the cart): the answer is then that order, as for any duplicate.
+async fn refuse_unless_replayed(
+    db: &Db,
+    customer: &str,
+    key: &str,
+    fingerprint: &str,
+    refusal: CheckoutError,
+) -> Result<HttpResponse, CheckoutError> {
+    let (c, k, f) = (
+        customer.to_string(),
+        key.to_string(),
+        fingerprint.to_string(),
+    );
+    match db.read(move |conn| replay(conn, &c, &k, &f)).await? {
+        Some(order) => Ok(accepted(&order, true)),
+        None => Err(refusal),
+    }
+}
+
 #[utoipa::path(
     post, path = "/api/v1/checkout/orders", tag = "checkout",
     params(("Idempotency-Key" = String, Header, description = "makes the placement safe to retry")),
@@ -341,7 +362,14 @@ pub async fn place_order(
         .await
         .map_err(|e| CheckoutError::CartUnavailable(e.to_string()))?;
     let Some(total) = cart.total.clone() else {
-        return Err(CheckoutError::EmptyCart);
+        return refuse_unless_replayed(
+            &db,
+            &customer,
+            &key,
+            &fingerprint,
+            CheckoutError::EmptyCart,
+        )
+        .await;
     };
     let unavailable: Vec<String> = cart
         .lines
@@ -350,7 +378,8 @@ pub async fn place_order(
         .map(|l| l.name.clone())
         .collect();
     if !unavailable.is_empty() {
-        return Err(CheckoutError::Unavailable(unavailable.join(", ")));
+        let refusal = CheckoutError::Unavailable(unavailable.join(", "));
+        return refuse_unless_replayed(&db, &customer, &key, &fingerprint, refusal).await;
     }
 
     let order_id = Uuid::now_v7();
