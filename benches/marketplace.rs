@@ -13,14 +13,15 @@
 //! server, so every figure is a lower bound of what the server alone would do.
 //!
 //! Run: `cargo bench --bench marketplace -- [--backend sqlite|postgres|both]
-//! [--seconds S] [--clients N] [--pace R]`. PostgreSQL comes from
+//! [--seconds S] [--clients N] [--pace R] [--reads-only]`. PostgreSQL comes from
 //! `COLONY_TEST_DATABASE_URL`. `--pace` runs (c) at R placements/s instead of half
-//! of (b), to compare builds at the same load.
+//! of (b), to compare builds at the same load; `--reads-only` stops after (a).
 //! Targets are printed as PASS/MISS, never asserted.
 
 mod support;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -41,6 +42,8 @@ struct Args {
     clients: usize,
     /// (c)'s rate, if not half of (b).
     pace: Option<f64>,
+    /// Stop after (a).
+    reads_only: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -49,6 +52,7 @@ fn parse_args() -> Result<Args> {
         seconds: 5.0,
         clients: 32,
         pace: None,
+        reads_only: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -64,6 +68,7 @@ fn parse_args() -> Result<Args> {
             "--seconds" => args.seconds = it.next().context("--seconds S")?.parse()?,
             "--clients" => args.clients = it.next().context("--clients N")?.parse()?,
             "--pace" => args.pace = Some(it.next().context("--pace R")?.parse()?),
+            "--reads-only" => args.reads_only = true,
             // Passed by `cargo bench`.
             "--bench" => {}
             other => bail!("unknown argument {other:?}"),
@@ -127,13 +132,21 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
 
     // (a) a catalog read against a trivial route of the same process.
     let seller = rig.token("bench-seller", Role::Seller);
-    let product = create_product(&rig, &seller, "BENCH-READ", 1).await?;
+    // Each client reads a product of its own.
+    let mut read_paths = Vec::with_capacity(args.clients);
+    for i in 0..args.clients {
+        let product = create_product(&rig, &seller, &format!("BENCH-READ-{i}"), 1).await?;
+        read_paths.push(format!("/api/v1/catalog/products/{product}"));
+    }
     let trivial = closed_loop(&rig, args.clients, args.seconds, |_| {
         "/health/live".to_string()
     })
     .await?;
-    let read_path = format!("/api/v1/catalog/products/{product}");
-    let read = closed_loop(&rig, args.clients, args.seconds, move |_| read_path.clone()).await?;
+    let read_paths = Arc::new(read_paths);
+    let read = closed_loop(&rig, args.clients, args.seconds, move |i| {
+        read_paths[i].clone()
+    })
+    .await?;
     let ratio_a = read / trivial;
     println!("(a) GET /health/live            {trivial:>9.0} req/s");
     println!("(a) GET /catalog/products/{{id}}  {read:>9.0} req/s");
@@ -141,6 +154,10 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
         "(a) ratio                       {ratio_a:>9.2}   target ≥ 0.30 {}",
         verdict(ratio_a >= 0.3)
     );
+    if args.reads_only {
+        handle.stop(true).await;
+        return server.await?;
+    }
 
     // The raw commit rate at the placement concurrency, and with one writer.
     let seconds = args.seconds;

@@ -12,6 +12,7 @@ use contracts::catalog::{
 use kernel::auth::{Caller, Role};
 use kernel::context::RequestContext;
 use kernel::db::DbError;
+use kernel::lookup::Lookups;
 use kernel::outbox::Publisher;
 use kernel::{AnyConnection, Db, Problem};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -25,10 +26,22 @@ use crate::store::{self, ProductChanges, ProductRow};
 const DEFAULT_PAGE: i64 = 20;
 const MAX_PAGE: i64 = 100;
 
-pub fn routes(cfg: &mut web::ServiceConfig, db: Db) {
+/// Reads of single products by id, made together under load.
+pub type ProductLookups = Lookups<String, ProductRow>;
+
+/// Lanes of product reads: rounds at once, each holding a connection while reads
+/// keep coming.
+const READ_LANES: usize = 2;
+
+pub fn product_lookups(db: Db) -> ProductLookups {
+    Lookups::new(db, READ_LANES, store::find_many)
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig, db: Db, products: ProductLookups) {
     cfg.service(
         web::scope("/api/v1/catalog")
             .app_data(web::Data::new(db))
+            .app_data(web::Data::new(products))
             .service(
                 kernel::error::resource("/products")
                     .route(web::get().to(list_products))
@@ -385,13 +398,14 @@ fn decode_cursor(cursor: &str) -> Result<String, CatalogError> {
     responses((status = 200, body = ProductView), (status = 404, body = Problem))
 )]
 pub async fn get_product(
-    db: web::Data<Db>,
+    products: web::Data<ProductLookups>,
     id: web::Path<String>,
 ) -> Result<web::Json<ProductView>, CatalogError> {
     let id = path_id(&id)?;
-    let row = db
-        .read(move |conn| store::find(conn, &id)?.ok_or_else(|| CatalogError::NotFound(id.clone())))
-        .await?;
+    let row = products
+        .get(id.clone())
+        .await?
+        .ok_or(CatalogError::NotFound(id))?;
     Ok(web::Json(row.into()))
 }
 

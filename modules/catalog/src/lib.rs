@@ -44,11 +44,17 @@ struct Settings {}
 
 fn build(ctx: ModuleContext) -> anyhow::Result<Box<dyn Module>> {
     let _: Settings = ctx.settings(MODULE)?;
-    Ok(Box::new(Catalog { db: ctx.db }))
+    let products = http::product_lookups(ctx.db.clone());
+    Ok(Box::new(Catalog {
+        db: ctx.db,
+        products,
+    }))
 }
 
 struct Catalog {
     db: Db,
+    /// Shared by every HTTP worker, so their reads of a product go together.
+    products: http::ProductLookups,
 }
 
 #[derive(OpenApi)]
@@ -68,7 +74,7 @@ impl Module for Catalog {
     }
 
     fn routes(&self, cfg: &mut web::ServiceConfig, _ports: &Ports) {
-        http::routes(cfg, self.db.clone());
+        http::routes(cfg, self.db.clone(), self.products.clone());
     }
 
     fn consumers(&self) -> Vec<Consumer> {

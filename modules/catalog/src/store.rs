@@ -4,6 +4,7 @@
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use kernel::AnyConnection;
+use kernel::db::DbError;
 
 use crate::schema::products;
 
@@ -48,6 +49,21 @@ pub fn find(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<ProductRow
         .select(ProductRow::as_select())
         .get_result(conn)
         .optional()
+}
+
+/// The products among `ids` (distinct), with their ids: one round of
+/// `http::ProductLookups`. On PostgreSQL the ids go as one array, so the
+/// statement is the same whatever their number and is prepared once.
+pub fn find_many(
+    conn: &mut AnyConnection,
+    ids: &[String],
+) -> Result<Vec<(String, ProductRow)>, DbError> {
+    let query = products::table.filter(products::id.eq_any(ids));
+    let rows = match conn {
+        AnyConnection::Postgresql(c) => query.select(ProductRow::as_select()).load(c)?,
+        AnyConnection::Sqlite(c) => query.select(ProductRow::as_select()).load(c)?,
+    };
+    Ok(rows.into_iter().map(|r| (r.id.clone(), r)).collect())
 }
 
 /// Reads a product for change inside a write transaction, holding its row lock

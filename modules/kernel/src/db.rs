@@ -66,6 +66,9 @@ pub enum DbError {
     Migration(String),
     #[error("background task failed: {0}")]
     Join(String),
+    /// One failure answered to several callers (`lookup::Lookups`).
+    #[error(transparent)]
+    Shared(Arc<DbError>),
 }
 
 impl DbError {
@@ -73,6 +76,7 @@ impl DbError {
     /// a logged 500 that reveals nothing of the database.
     pub fn problem(&self, module: &str) -> crate::Problem {
         match self {
+            Self::Shared(e) => e.problem(module),
             Self::Pool(_) | Self::Connect(_) => crate::Problem::unavailable(
                 "database_unavailable",
                 format!("the {module} database is unavailable"),

@@ -9,6 +9,7 @@ pub mod context;
 pub mod db;
 pub mod envelope;
 pub mod error;
+pub mod lookup;
 pub mod metrics;
 pub mod migrate;
 pub mod module;
