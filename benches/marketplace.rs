@@ -1,7 +1,8 @@
 //! Marketplace benchmark, per backend, in one run (release build):
 //!
 //! - (a) `GET /api/v1/catalog/products/{id}` req/s ÷ `GET /health/live` req/s, both
-//!   served by the same process, 32 keep-alive clients each;
+//!   served by the same process, 32 keep-alive clients each (each client reading a
+//!   product of its own);
 //! - (b) placements/s (202s) at 32 concurrent clients ÷ the backend's raw single-row
 //!   commit rate at the same concurrency (measured in the same run);
 //! - (c) placement → confirmed latency p50/p99 with placements paced at half of (b).
