@@ -29,8 +29,8 @@ const MAX_PAGE: i64 = 100;
 /// Reads of single products by id, made together under load.
 pub type ProductLookups = Lookups<String, ProductRow>;
 
-/// Lanes of product reads: rounds at once, each holding a connection while reads
-/// keep coming.
+/// Rounds of product reads at once, each with a blocking thread and a connection
+/// (fewer with a small pool: `Lookups::new`).
 const READ_LANES: usize = 2;
 
 pub fn product_lookups(db: Db) -> ProductLookups {

@@ -4,7 +4,6 @@
 use chrono::NaiveDateTime;
 use diesel::prelude::*;
 use kernel::AnyConnection;
-use kernel::db::DbError;
 
 use crate::schema::products;
 
@@ -57,7 +56,7 @@ pub fn find(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<ProductRow
 pub fn find_many(
     conn: &mut AnyConnection,
     ids: &[String],
-) -> Result<Vec<(String, ProductRow)>, DbError> {
+) -> QueryResult<Vec<(String, ProductRow)>> {
     let query = products::table.filter(products::id.eq_any(ids));
     let rows = match conn {
         AnyConnection::Postgresql(c) => query.select(ProductRow::as_select()).load(c)?,

@@ -52,33 +52,35 @@ fn put(db: &Db, id: &str, n: i64) {
     .unwrap();
 }
 
-/// A fetch that counts its rounds and their keys, reads (or fails, while
-/// `failing` is set), and then waits for `open` before answering.
+/// A fetch that reads (or fails, while `failing` is set), counts its rounds and
+/// their keys, waits while `open` is false, and then answers (or panics, while
+/// `panicking` is set).
 struct Probe {
-    /// While false, rounds wait before answering.
     open: AtomicBool,
+    failing: AtomicBool,
+    panicking: AtomicBool,
+    /// Rounds whose statement has run.
     rounds: AtomicUsize,
     keys: AtomicUsize,
-    failing: AtomicBool,
 }
 
 impl Probe {
-    fn new() -> Self {
-        Self {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
             open: AtomicBool::new(true),
+            failing: AtomicBool::new(false),
+            panicking: AtomicBool::new(false),
             rounds: AtomicUsize::new(0),
             keys: AtomicUsize::new(0),
-            failing: AtomicBool::new(false),
-        }
+        })
     }
 
-    fn fetch(
-        &self,
-        conn: &mut AnyConnection,
-        keys: &[String],
-    ) -> Result<Vec<(String, i64)>, DbError> {
-        self.rounds.fetch_add(1, Ordering::SeqCst);
-        self.keys.fetch_add(keys.len(), Ordering::SeqCst);
+    fn lookups(self: &Arc<Self>, db: Db) -> Lookups<String, i64> {
+        let probe = self.clone();
+        Lookups::new(db, 1, move |conn, keys| probe.fetch(conn, keys))
+    }
+
+    fn fetch(&self, conn: &mut AnyConnection, keys: &[String]) -> QueryResult<Vec<(String, i64)>> {
         let rows = if self.failing.load(Ordering::SeqCst) {
             diesel::sql_query("SELECT n FROM no_such_table")
                 .execute(conn)
@@ -89,33 +91,44 @@ impl Probe {
                 .select((lookup_rows::id, lookup_rows::n))
                 .load(conn)
         };
+        self.keys.fetch_add(keys.len(), Ordering::SeqCst);
+        self.rounds.fetch_add(1, Ordering::SeqCst);
         while !self.open.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(1));
         }
-        Ok(rows?)
+        assert!(
+            !self.panicking.load(Ordering::SeqCst),
+            "the probe panics, as asked"
+        );
+        rows
+    }
+
+    fn hold(&self) {
+        self.open.store(false, Ordering::SeqCst);
+    }
+
+    fn release(&self) {
+        self.open.store(true, Ordering::SeqCst);
     }
 
     fn rounds(&self) -> usize {
         self.rounds.load(Ordering::SeqCst)
     }
+}
 
-    /// Waits until `n` rounds have begun.
-    async fn until_rounds(&self, n: usize) {
-        for _ in 0..500 {
-            if self.rounds() >= n {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+/// Waits until `done` holds, at most 5 s.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
         }
-        panic!("{n} rounds expected within 5 s, {} began", self.rounds());
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    panic!("{what}: not within 5 s");
 }
 
 /// Lookups spawned now, answered later.
-fn spawn_gets(
-    lookups: &Lookups<String, i64>,
-    keys: &[String],
-) -> Vec<JoinHandle<Result<Option<i64>, DbError>>> {
+fn spawn_gets(lookups: &Lookups<String, i64>, keys: &[String]) -> Vec<Pending> {
     keys.iter()
         .map(|key| {
             let (lookups, key) = (lookups.clone(), key.clone());
@@ -124,40 +137,49 @@ fn spawn_gets(
         .collect()
 }
 
-/// Lets lookups spawned just before reach the queue.
-async fn settle() {
-    tokio::time::sleep(Duration::from_millis(50)).await;
+type Pending = JoinHandle<Result<Option<i64>, DbError>>;
+
+/// The answers of `pending`, each within 5 s (a lookup left waiting fails the test
+/// instead of hanging it).
+async fn answers(pending: Vec<Pending>) -> Vec<Result<Option<i64>, DbError>> {
+    let mut answers = Vec::new();
+    for p in pending {
+        let Ok(answer) = tokio::time::timeout(Duration::from_secs(5), p).await else {
+            panic!("a lookup was not answered within 5 s");
+        };
+        answers.push(answer.unwrap());
+    }
+    answers
+}
+
+fn keys(key: &str, n: usize) -> Vec<String> {
+    vec![key.to_string(); n]
 }
 
 async fn lookups_queued_behind_a_round_are_answered_by_the_next(test_db: TestDatabase) {
-    let probe = Arc::new(Probe::new());
+    let probe = Probe::new();
     let db = open(&test_db);
     for i in 0..20 {
         put(&db, &format!("k{i}"), i);
     }
-    let lookups = Lookups::new(db, 1, {
-        let probe = probe.clone();
-        move |conn, keys| probe.fetch(conn, keys)
-    });
+    let lookups = probe.lookups(db);
 
-    probe.open.store(false, Ordering::SeqCst);
-    let first = spawn_gets(&lookups, &["k0".to_string()]);
-    probe.until_rounds(1).await;
+    probe.hold();
+    let first = spawn_gets(&lookups, &keys("k0", 1));
+    until("the first round has read", || probe.rounds() == 1).await;
     // Each key twice, and one no row has.
-    let keys: Vec<String> = (0..20)
+    let queued: Vec<String> = (0..20)
         .flat_map(|i| [format!("k{i}"), format!("k{i}")])
         .chain(["missing".to_string()])
         .collect();
-    let rest = spawn_gets(&lookups, &keys);
-    settle().await;
-    probe.open.store(true, Ordering::SeqCst);
+    let rest = spawn_gets(&lookups, &queued);
+    until("41 lookups queued", || lookups.waiting() == 41).await;
+    probe.release();
 
-    for answer in first {
-        assert_eq!(answer.await.unwrap().unwrap(), Some(0));
-    }
-    for (key, answer) in keys.iter().zip(rest) {
+    assert_eq!(answers(first).await[0].as_ref().unwrap(), &Some(0));
+    for (key, answer) in queued.iter().zip(answers(rest).await) {
         let expected = key.strip_prefix('k').map(|n| n.parse::<i64>().unwrap());
-        assert_eq!(answer.await.unwrap().unwrap(), expected, "lookup of {key}");
+        assert_eq!(answer.unwrap(), expected, "lookup of {key}");
     }
     // One round for "k0"; one for the 41 lookups queued behind it, each key once.
     assert_eq!(probe.rounds(), 2);
@@ -165,68 +187,83 @@ async fn lookups_queued_behind_a_round_are_answered_by_the_next(test_db: TestDat
 }
 
 async fn a_lookup_never_joins_a_round_that_has_read(test_db: TestDatabase) {
-    let probe = Arc::new(Probe::new());
+    let probe = Probe::new();
     let db = open(&test_db);
     put(&db, "k", 1);
-    let lookups = Lookups::new(db.clone(), 1, {
-        let probe = probe.clone();
-        move |conn, keys| probe.fetch(conn, keys)
-    });
+    let lookups = probe.lookups(db.clone());
 
-    probe.open.store(false, Ordering::SeqCst);
-    let before = spawn_gets(&lookups, &["k".to_string()]);
+    probe.hold();
+    let before = spawn_gets(&lookups, &keys("k", 1));
+    until("the first round has read", || probe.rounds() == 1).await;
     // The round has read 1 and waits to answer; then 2 is committed.
-    probe.until_rounds(1).await;
     put(&db, "k", 2);
-    let after = spawn_gets(&lookups, &["k".to_string()]);
-    settle().await;
-    probe.open.store(true, Ordering::SeqCst);
+    let after = spawn_gets(&lookups, &keys("k", 1));
+    until("the second lookup queued", || lookups.waiting() == 1).await;
+    probe.release();
 
-    assert_eq!(
-        before.into_iter().next().unwrap().await.unwrap().unwrap(),
-        Some(1)
-    );
-    assert_eq!(
-        after.into_iter().next().unwrap().await.unwrap().unwrap(),
-        Some(2)
-    );
+    assert_eq!(answers(before).await[0].as_ref().unwrap(), &Some(1));
+    assert_eq!(answers(after).await[0].as_ref().unwrap(), &Some(2));
     assert_eq!(probe.rounds(), 2);
 }
 
 async fn a_failed_round_fails_its_lookups_only(test_db: TestDatabase) {
-    let probe = Arc::new(Probe::new());
+    let probe = Probe::new();
     let db = open(&test_db);
     put(&db, "k", 7);
-    let lookups = Lookups::new(db, 2, {
-        let probe = probe.clone();
-        move |conn, keys| probe.fetch(conn, keys)
-    });
+    let lookups = probe.lookups(db);
 
     probe.failing.store(true, Ordering::SeqCst);
-    probe.open.store(false, Ordering::SeqCst);
-    let failed = spawn_gets(&lookups, &["k".to_string()]);
-    probe.until_rounds(1).await;
-    let queued: Vec<String> = (0..5).map(|_| "k".to_string()).collect();
-    let queued = spawn_gets(&lookups, &queued);
-    settle().await;
-    probe.open.store(true, Ordering::SeqCst);
-    for answer in failed {
-        assert!(
-            answer.await.unwrap().is_err(),
-            "the failed round's lookup fails"
+    probe.hold();
+    let failed = spawn_gets(&lookups, &keys("k", 1));
+    until("the failing round has run", || probe.rounds() == 1).await;
+    let queued = spawn_gets(&lookups, &keys("k", 5));
+    until("5 lookups queued", || lookups.waiting() == 5).await;
+    probe.failing.store(false, Ordering::SeqCst);
+    probe.release();
+
+    let failure = answers(failed).await.pop().unwrap().unwrap_err();
+    assert!(
+        failure.to_string().contains("no_such_table"),
+        "the round's own failure, got {failure}"
+    );
+    for answer in answers(queued).await {
+        assert_eq!(
+            answer.unwrap(),
+            Some(7),
+            "the next round is a round of its own"
         );
     }
-    // The second lane took the queued lookups while the first was held: they
-    // failed too, as the same fetch was failing.
-    for answer in queued {
-        assert!(answer.await.unwrap().is_err());
-    }
+    assert_eq!(probe.rounds(), 2);
+}
 
-    // No lane is left counted as running: a later lookup starts one and is answered.
-    probe.failing.store(false, Ordering::SeqCst);
-    let later = spawn_gets(&lookups, &["k".to_string(), "k".to_string()]);
-    for answer in later {
-        assert_eq!(answer.await.unwrap().unwrap(), Some(7));
+async fn a_panicking_lane_is_given_back(test_db: TestDatabase) {
+    let probe = Probe::new();
+    let db = open(&test_db);
+    put(&db, "k", 7);
+    let lookups = probe.lookups(db);
+
+    probe.panicking.store(true, Ordering::SeqCst);
+    probe.hold();
+    let first = spawn_gets(&lookups, &keys("k", 1));
+    until("the round has read", || probe.rounds() == 1).await;
+    let queued = spawn_gets(&lookups, &keys("k", 3));
+    until("3 lookups queued", || lookups.waiting() == 3).await;
+    probe.release();
+
+    // The only lane panicked: its lookups and those queued fail rather than wait.
+    for answer in answers(first)
+        .await
+        .into_iter()
+        .chain(answers(queued).await)
+    {
+        assert!(answer.is_err());
+    }
+    assert_eq!(lookups.waiting(), 0);
+    // Its count was given back: the next lookup starts a lane and is answered.
+    probe.panicking.store(false, Ordering::SeqCst);
+    let later = spawn_gets(&lookups, &keys("k", 2));
+    for answer in answers(later).await {
+        assert_eq!(answer.unwrap(), Some(7));
     }
 }
 
@@ -258,4 +295,5 @@ on_both_backends!(
     lookups_queued_behind_a_round_are_answered_by_the_next,
     a_lookup_never_joins_a_round_that_has_read,
     a_failed_round_fails_its_lookups_only,
+    a_panicking_lane_is_given_back,
 );
