@@ -204,33 +204,6 @@ pub async fn assert_problem(res: Response, status: u16, code: &str) -> Value {
     body
 }
 
-/// Runs each async scenario `fn(TestDatabase)` on SQLite, and on PostgreSQL when
-/// `COLONY_TEST_DATABASE_URL` is set.
-#[macro_export]
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario($crate::helpers::TestDatabase::sqlite()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    match $crate::helpers::TestDatabase::postgres() {
-                        Some(db) => super::$scenario(db).await,
-                        None => eprintln!("skipped: COLONY_TEST_DATABASE_URL is not set"),
-                    }
-                }
-            )*
-        }
-    };
-}
-
 impl TestApp {
     /// Puts `quantity` of `product_id` in the customer's cart, waiting (up to 10 s)
     /// for the cart to learn of the product from catalog's events.

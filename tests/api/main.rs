@@ -10,6 +10,8 @@
 
 mod helpers;
 
+use kernel::on_both_backends;
+
 mod cart;
 mod catalog;
 mod crash;

@@ -85,6 +85,47 @@ impl Drop for TestDatabase {
     }
 }
 
+/// Runs each async scenario `fn(TestDatabase)` of the calling module in a test on
+/// SQLite (module `sqlite`) and one on PostgreSQL (module `postgres`), which says
+/// it skipped when `COLONY_TEST_DATABASE_URL` is unset (CI sets it, and a guard test
+/// fails there when it is missing).
+///
+/// `on_both_backends!(@in a, b, if ready; scenarios…)` names the two modules `a`
+/// and `b` instead, and runs the scenarios only when `ready` holds (say, when a
+/// service they need is there).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($scenario:ident),* $(,)?) => {
+        $crate::on_both_backends!(@in sqlite, postgres, if true; $($scenario),*);
+    };
+    (@in $sqlite:ident, $postgres:ident, if $ready:expr; $($scenario:ident),* $(,)?) => {
+        mod $sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    if $ready {
+                        super::$scenario($crate::testing::TestDatabase::sqlite()).await;
+                    }
+                }
+            )*
+        }
+        mod $postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    if !$ready {
+                        return;
+                    }
+                    match $crate::testing::TestDatabase::postgres() {
+                        Some(db) => super::$scenario(db).await,
+                        None => eprintln!("skipped: {} is not set", $crate::testing::POSTGRES_ENV),
+                    }
+                }
+            )*
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

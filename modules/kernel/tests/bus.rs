@@ -22,6 +22,7 @@ use kernel::bus::{
 use kernel::db::{self, DbError, Location, PoolOptions, write_tx};
 use kernel::metrics::Metrics;
 use kernel::migrate::{self, Migrations};
+use kernel::on_both_backends;
 use kernel::outbox::{self, Publisher};
 use kernel::testing::TestDatabase;
 use kernel::{AnyConnection, Db, Envelope};
@@ -1862,40 +1863,6 @@ mod nats {
             }
         }
     }
-}
-
-/// Runs each scenario on SQLite, and on PostgreSQL when it is configured.
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        on_both_backends!(@in sqlite, postgres, if true; $($scenario),*);
-    };
-    // `if` guards the scenarios: when it is false they return at once.
-    (@in $sqlite:ident, $postgres:ident, if $ready:expr; $($scenario:ident),* $(,)?) => {
-        mod $sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    if $ready {
-                        super::$scenario(super::TestDatabase::sqlite()).await;
-                    }
-                }
-            )*
-        }
-        mod $postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    if !$ready {
-                        return;
-                    }
-                    match super::TestDatabase::postgres() {
-                        Some(db) => super::$scenario(db).await,
-                        None => eprintln!("skipped: {} is not set", super::kernel::testing::POSTGRES_ENV),
-                    }
-                }
-            )*
-        }
-    };
 }
 
 on_both_backends!(

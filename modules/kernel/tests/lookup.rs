@@ -15,6 +15,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use kernel::db::{self, DbError, Location, PoolOptions};
 use kernel::lookup::Lookups;
+use kernel::on_both_backends;
 use kernel::testing::TestDatabase;
 use kernel::{AnyConnection, Db};
 use tokio::task::JoinHandle;
@@ -265,30 +266,6 @@ async fn a_panicking_lane_is_given_back(test_db: TestDatabase) {
     for answer in answers(later).await {
         assert_eq!(answer.unwrap(), Some(7));
     }
-}
-
-macro_rules! on_both_backends {
-    ($($scenario:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    super::$scenario(super::TestDatabase::sqlite()).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $scenario() {
-                    match super::TestDatabase::postgres() {
-                        Some(db) => super::$scenario(db).await,
-                        None => eprintln!("skipped: {} is not set", super::kernel::testing::POSTGRES_ENV),
-                    }
-                }
-            )*
-        }
-    };
 }
 
 on_both_backends!(
