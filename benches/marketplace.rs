@@ -155,6 +155,13 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
         "(a) ratio                       {ratio_a:>9.2}   target ≥ 0.30 {}",
         verdict(ratio_a >= 0.3)
     );
+    let labels = [("module", "catalog"), ("lookup", "products")];
+    let reads = runtime.metrics.counter("colony_lookups_total", &labels);
+    let rounds = runtime.metrics.counter("colony_lookup_rounds_total", &labels);
+    println!(
+        "    {reads} product reads answered by {rounds} statements ({:.1} reads a statement)",
+        reads as f64 / rounds.max(1) as f64
+    );
     if args.reads_only {
         handle.stop(true).await;
         return server.await?;

@@ -72,12 +72,14 @@ pub fn open_database(
 
 /// Opens, migrates and builds `specs`, and the transport between them.
 pub async fn start(settings: &Settings, specs: &[ModuleSpec]) -> anyhow::Result<Runtime> {
+    let metrics = Arc::new(Metrics::default());
     let mut modules = Vec::new();
     for spec in specs {
         let (s, sp) = (settings.clone(), *spec);
         let db = tokio::task::spawn_blocking(move || open_database(&s, &sp, true)).await??;
         let module: Arc<dyn Module> = Arc::from((spec.build)(ModuleContext {
             db: db.clone(),
+            metrics: metrics.clone(),
             settings: settings.module_settings(spec.name),
         })?);
         modules.push(LocalModule {
@@ -122,7 +124,7 @@ pub async fn start(settings: &Settings, specs: &[ModuleSpec]) -> anyhow::Result<
         modules,
         transport,
         nats,
-        metrics: Arc::new(Metrics::default()),
+        metrics,
         ports,
     })
 }

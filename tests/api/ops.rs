@@ -14,8 +14,21 @@ async fn health_metrics_and_the_api_description_are_served(db: TestDatabase) {
         assert_eq!(ready["modules"][module]["database"], "up", "{ready}");
     }
 
-    app.create_product(&app.seller(), "METRIC-1", 100, 1).await;
+    let product = app.create_product(&app.seller(), "METRIC-1", 100, 1).await;
+    let path = format!(
+        "/api/v1/catalog/products/{}",
+        product["id"].as_str().unwrap()
+    );
+    assert_eq!(app.get(&path, None).await.status(), 200);
     let metrics = app.get("/metrics", None).await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"colony_lookups_total{module="catalog",lookup="products"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"colony_lookup_rounds_total{module="catalog",lookup="products"} 1"#),
+        "{metrics}"
+    );
     assert!(
         metrics.contains(r#"colony_http_requests_total{module="catalog",method="POST",route="/api/v1/catalog/products",status="201"} 1"#),
         "{metrics}"

@@ -1,5 +1,7 @@
 //! Catalog routes: `/api/v1/catalog/products`.
 
+use std::sync::Arc;
+
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, web};
 use base64::Engine;
@@ -13,6 +15,7 @@ use kernel::auth::{Caller, Role};
 use kernel::context::RequestContext;
 use kernel::db::DbError;
 use kernel::lookup::Lookups;
+use kernel::metrics::Metrics;
 use kernel::outbox::Publisher;
 use kernel::{AnyConnection, Db, Problem};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -33,8 +36,8 @@ pub type ProductLookups = Lookups<String, ProductRow>;
 /// (fewer with a small pool: `Lookups::new`).
 const READ_LANES: usize = 2;
 
-pub fn product_lookups(db: Db) -> ProductLookups {
-    Lookups::new(db, READ_LANES, store::find_many)
+pub fn product_lookups(db: Db, metrics: Arc<Metrics>) -> ProductLookups {
+    Lookups::new(db, "products", metrics, READ_LANES, store::find_many)
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig, db: Db, products: ProductLookups) {

@@ -44,7 +44,7 @@ struct Settings {}
 
 fn build(ctx: ModuleContext) -> anyhow::Result<Box<dyn Module>> {
     let _: Settings = ctx.settings(MODULE)?;
-    let products = http::product_lookups(ctx.db.clone());
+    let products = http::product_lookups(ctx.db.clone(), ctx.metrics.clone());
     Ok(Box::new(Catalog {
         db: ctx.db,
         products,

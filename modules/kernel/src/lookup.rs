@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::oneshot;
 
 use crate::db::{AnyConnection, Db, DbError};
+use crate::metrics::Metrics;
 
 /// Keys read by one statement, at most.
 const ROUND: usize = 256;
@@ -47,6 +48,9 @@ impl<K, V> Clone for Lookups<K, V> {
 
 struct Shared<K, V> {
     db: Db,
+    /// What the lookups read, for the counters' labels.
+    name: &'static str,
+    metrics: Arc<Metrics>,
     fetch: Fetch<K, V>,
     lanes: usize,
     queue: Mutex<Queue<K, V>>,
@@ -64,12 +68,16 @@ where
     K: Eq + Hash + Clone + Send + 'static,
     V: Clone + Send + 'static,
 {
-    /// Lookups on `db`, with at most `lanes` rounds at once, each on its own
-    /// blocking thread and pooled connection; never more than a quarter of the
-    /// pool. `fetch` is a round's statement: it reads the rows found among `keys`
-    /// (each distinct) and returns them with their keys, in any order.
+    /// Lookups of `name` (say, "products") on `db`, with at most `lanes` rounds
+    /// at once, each on its own blocking thread and pooled connection; never more
+    /// than a quarter of the pool. `fetch` is a round's statement: it reads the rows
+    /// found among `keys` (each distinct) and returns them with their keys, in any
+    /// order. Rounds and the lookups they answered are counted in `metrics`
+    /// (`colony_lookup_rounds_total` and `colony_lookups_total`, by module and name).
     pub fn new<E: Into<DbError>>(
         db: Db,
+        name: &'static str,
+        metrics: Arc<Metrics>,
         lanes: usize,
         fetch: impl Fn(&mut AnyConnection, &[K]) -> Result<Vec<(K, V)>, E> + Send + Sync + 'static,
     ) -> Self {
@@ -77,6 +85,8 @@ where
         Self {
             shared: Arc::new(Shared {
                 db,
+                name,
+                metrics,
                 fetch: Box::new(move |conn, keys| fetch(conn, keys).map_err(Into::into)),
                 lanes: lanes.min(quarter).max(1),
                 queue: Mutex::new(Queue {
@@ -168,6 +178,16 @@ where
                     Err(e)
                 }
             };
+            let labels = [
+                ("module", self.shared.db.module()),
+                ("lookup", self.shared.name),
+            ];
+            self.shared
+                .metrics
+                .inc("colony_lookup_rounds_total", &labels, 1);
+            self.shared
+                .metrics
+                .inc("colony_lookups_total", &labels, round.len() as u64);
             answer(round, &found);
         }
     }

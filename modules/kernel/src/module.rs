@@ -26,6 +26,8 @@ pub struct ModuleSpec {
 /// What the composition root hands a module when building it.
 pub struct ModuleContext {
     pub db: Db,
+    /// The process's counters and histograms, rendered at `/metrics`.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The module's own section of `modules.<name>` (minus `database_url`), as JSON.
     pub settings: serde_json::Value,
 }

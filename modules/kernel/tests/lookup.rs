@@ -15,6 +15,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use kernel::db::{self, DbError, Location, PoolOptions};
 use kernel::lookup::Lookups;
+use kernel::metrics::Metrics;
 use kernel::on_both_backends;
 use kernel::testing::TestDatabase;
 use kernel::{AnyConnection, Db};
@@ -63,6 +64,7 @@ struct Probe {
     /// Rounds whose statement has run.
     rounds: AtomicUsize,
     keys: AtomicUsize,
+    metrics: Arc<Metrics>,
 }
 
 impl Probe {
@@ -73,12 +75,15 @@ impl Probe {
             panicking: AtomicBool::new(false),
             rounds: AtomicUsize::new(0),
             keys: AtomicUsize::new(0),
+            metrics: Arc::default(),
         })
     }
 
     fn lookups(self: &Arc<Self>, db: Db) -> Lookups<String, i64> {
         let probe = self.clone();
-        Lookups::new(db, 1, move |conn, keys| probe.fetch(conn, keys))
+        Lookups::new(db, "rows", self.metrics.clone(), 1, move |conn, keys| {
+            probe.fetch(conn, keys)
+        })
     }
 
     fn fetch(&self, conn: &mut AnyConnection, keys: &[String]) -> QueryResult<Vec<(String, i64)>> {
@@ -185,6 +190,12 @@ async fn lookups_queued_behind_a_round_are_answered_by_the_next(test_db: TestDat
     // One round for "k0"; one for the 41 lookups queued behind it, each key once.
     assert_eq!(probe.rounds(), 2);
     assert_eq!(probe.keys.load(Ordering::SeqCst), 1 + 21);
+    let labels = [("module", "lookup"), ("lookup", "rows")];
+    assert_eq!(
+        probe.metrics.counter("colony_lookup_rounds_total", &labels),
+        2
+    );
+    assert_eq!(probe.metrics.counter("colony_lookups_total", &labels), 42);
 }
 
 async fn a_lookup_never_joins_a_round_that_has_read(test_db: TestDatabase) {
