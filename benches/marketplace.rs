@@ -157,7 +157,9 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
     );
     let labels = [("module", "catalog"), ("lookup", "products")];
     let reads = runtime.metrics.counter("colony_lookups_total", &labels);
-    let rounds = runtime.metrics.counter("colony_lookup_rounds_total", &labels);
+    let rounds = runtime
+        .metrics
+        .counter("colony_lookup_rounds_total", &labels);
     println!(
         "    {reads} product reads answered by {rounds} statements ({:.1} reads a statement)",
         reads as f64 / rounds.max(1) as f64
