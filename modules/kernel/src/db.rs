@@ -319,7 +319,7 @@ const HANDOFF_DEPTH: usize = 256;
 const RECENT: usize = 4096;
 
 /// A panic while a lock was held leaves what it guards whole: keep using it.
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 

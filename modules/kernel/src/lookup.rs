@@ -15,11 +15,11 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::oneshot;
 
-use crate::db::{AnyConnection, Db, DbError};
+use crate::db::{self, AnyConnection, Db, DbError};
 use crate::metrics::Metrics;
 
 /// Keys read by one statement, at most.
@@ -127,7 +127,7 @@ where
 
 impl<K, V> Shared<K, V> {
     fn lock(&self) -> MutexGuard<'_, Queue<K, V>> {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+        db::lock(&self.queue)
     }
 }
 

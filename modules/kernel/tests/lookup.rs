@@ -162,6 +162,21 @@ fn keys(key: &str, n: usize) -> Vec<String> {
     vec![key.to_string(); n]
 }
 
+/// A lookup of `key` whose round has read and is held until `probe.release()`.
+async fn held_round(probe: &Probe, lookups: &Lookups<String, i64>, key: &str) -> Vec<Pending> {
+    probe.hold();
+    let pending = spawn_gets(lookups, &keys(key, 1));
+    until("the first round has read", || probe.rounds() == 1).await;
+    pending
+}
+
+/// Lookups of `keys`, once all of them wait for a round.
+async fn queued(lookups: &Lookups<String, i64>, keys: &[String]) -> Vec<Pending> {
+    let pending = spawn_gets(lookups, keys);
+    until("the lookups queued", || lookups.waiting() == keys.len()).await;
+    pending
+}
+
 async fn lookups_queued_behind_a_round_are_answered_by_the_next(test_db: TestDatabase) {
     let probe = Probe::new();
     let db = open(&test_db);
@@ -170,20 +185,17 @@ async fn lookups_queued_behind_a_round_are_answered_by_the_next(test_db: TestDat
     }
     let lookups = probe.lookups(db);
 
-    probe.hold();
-    let first = spawn_gets(&lookups, &keys("k0", 1));
-    until("the first round has read", || probe.rounds() == 1).await;
+    let first = held_round(&probe, &lookups, "k0").await;
     // Each key twice, and one no row has.
-    let queued: Vec<String> = (0..20)
+    let behind: Vec<String> = (0..20)
         .flat_map(|i| [format!("k{i}"), format!("k{i}")])
         .chain(["missing".to_string()])
         .collect();
-    let rest = spawn_gets(&lookups, &queued);
-    until("41 lookups queued", || lookups.waiting() == 41).await;
+    let rest = queued(&lookups, &behind).await;
     probe.release();
 
     assert_eq!(answers(first).await[0].as_ref().unwrap(), &Some(0));
-    for (key, answer) in queued.iter().zip(answers(rest).await) {
+    for (key, answer) in behind.iter().zip(answers(rest).await) {
         let expected = key.strip_prefix('k').map(|n| n.parse::<i64>().unwrap());
         assert_eq!(answer.unwrap(), expected, "lookup of {key}");
     }
@@ -204,13 +216,10 @@ async fn a_lookup_never_joins_a_round_that_has_read(test_db: TestDatabase) {
     put(&db, "k", 1);
     let lookups = probe.lookups(db.clone());
 
-    probe.hold();
-    let before = spawn_gets(&lookups, &keys("k", 1));
-    until("the first round has read", || probe.rounds() == 1).await;
+    let before = held_round(&probe, &lookups, "k").await;
     // The round has read 1 and waits to answer; then 2 is committed.
     put(&db, "k", 2);
-    let after = spawn_gets(&lookups, &keys("k", 1));
-    until("the second lookup queued", || lookups.waiting() == 1).await;
+    let after = queued(&lookups, &keys("k", 1)).await;
     probe.release();
 
     assert_eq!(answers(before).await[0].as_ref().unwrap(), &Some(1));
@@ -225,11 +234,8 @@ async fn a_failed_round_fails_its_lookups_only(test_db: TestDatabase) {
     let lookups = probe.lookups(db);
 
     probe.failing.store(true, Ordering::SeqCst);
-    probe.hold();
-    let failed = spawn_gets(&lookups, &keys("k", 1));
-    until("the failing round has run", || probe.rounds() == 1).await;
-    let queued = spawn_gets(&lookups, &keys("k", 5));
-    until("5 lookups queued", || lookups.waiting() == 5).await;
+    let failed = held_round(&probe, &lookups, "k").await;
+    let behind = queued(&lookups, &keys("k", 5)).await;
     probe.failing.store(false, Ordering::SeqCst);
     probe.release();
 
@@ -238,7 +244,7 @@ async fn a_failed_round_fails_its_lookups_only(test_db: TestDatabase) {
         failure.to_string().contains("no_such_table"),
         "the round's own failure, got {failure}"
     );
-    for answer in answers(queued).await {
+    for answer in answers(behind).await {
         assert_eq!(
             answer.unwrap(),
             Some(7),
@@ -255,18 +261,15 @@ async fn a_panicking_lane_is_given_back(test_db: TestDatabase) {
     let lookups = probe.lookups(db);
 
     probe.panicking.store(true, Ordering::SeqCst);
-    probe.hold();
-    let first = spawn_gets(&lookups, &keys("k", 1));
-    until("the round has read", || probe.rounds() == 1).await;
-    let queued = spawn_gets(&lookups, &keys("k", 3));
-    until("3 lookups queued", || lookups.waiting() == 3).await;
+    let first = held_round(&probe, &lookups, "k").await;
+    let behind = queued(&lookups, &keys("k", 3)).await;
     probe.release();
 
     // The only lane panicked: its lookups and those queued fail rather than wait.
     for answer in answers(first)
         .await
         .into_iter()
-        .chain(answers(queued).await)
+        .chain(answers(behind).await)
     {
         assert!(answer.is_err());
     }
