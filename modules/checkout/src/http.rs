@@ -6,7 +6,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
 use contracts::Money;
-use contracts::cart::{CallContext, CartQueries};
+use contracts::cart::{CallContext, CartQueries, CartSnapshot};
 use contracts::checkout::{Address, CancellationRequested, OrderLine, OrderPlaced};
 use kernel::auth::{Caller, Role};
 use kernel::context::RequestContext;
@@ -276,9 +276,60 @@ fn replay(
     }
 }
 
-/// Refuses a placement for what it found in the cart, unless a duplicate of it
-/// placed its order after the key was looked up (that order's confirmation empties
-/// the cart): the answer is then that order, as for any duplicate.
+/// What a placement needs before it writes: a valid address, a token the gateway
+/// accepts, and a cart with something in it, every line still for sale.
+async fn check_placement(
+    deps: &Deps,
+    body: &PlaceOrder,
+    customer: &str,
+    req: &HttpRequest,
+    ctx: &RequestContext,
+) -> Result<(Address, CartSnapshot, Money), CheckoutError> {
+    let a = &body.shipping_address;
+    let address = domain::parse_address(&Address {
+        name: a.name.clone(),
+        line1: a.line1.clone(),
+        city: a.city.clone(),
+        postal_code: a.postal_code.clone(),
+        country: a.country.clone(),
+    })?;
+    if !deps.gateway.accepts(&body.payment_token) {
+        return Err(CheckoutError::PaymentToken);
+    }
+    let cart_port = deps.cart.clone().ok_or_else(|| {
+        CheckoutError::CartUnavailable("the cart module is not reachable from this process".into())
+    })?;
+    let call = CallContext {
+        bearer: req
+            .headers()
+            .get(actix_web::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string),
+        traceparent: Some(ctx.trace.child().to_string()),
+    };
+    let cart = cart_port
+        .snapshot(customer, &call)
+        .await
+        .map_err(|e| CheckoutError::CartUnavailable(e.to_string()))?;
+    let Some(total) = cart.total.clone() else {
+        return Err(CheckoutError::EmptyCart);
+    };
+    let unavailable: Vec<String> = cart
+        .lines
+        .iter()
+        .filter(|l| !l.available)
+        .map(|l| l.name.clone())
+        .collect();
+    if !unavailable.is_empty() {
+        return Err(CheckoutError::Unavailable(unavailable.join(", ")));
+    }
+    Ok((address, cart, total))
+}
+
+/// Refuses a placement, unless its key placed an order already: the answer is then
+/// that order for the same request (a retry finds the cart emptied by that order's
+/// confirmation, or the cart unreachable), and `KeyReused` for another.
 async fn refuse_unless_replayed(
     db: &Db,
     customer: &str,
@@ -329,58 +380,16 @@ pub async fn place_order(
     let body = body.into_inner();
     let fingerprint = fingerprint(&body);
 
-    let (c, k, f) = (customer.clone(), key.clone(), fingerprint.clone());
-    if let Some(order) = db.read(move |conn| replay(conn, &c, &k, &f)).await? {
-        return Ok(accepted(&order, true));
-    }
-
-    let a = &body.shipping_address;
-    let address = domain::parse_address(&Address {
-        name: a.name.clone(),
-        line1: a.line1.clone(),
-        city: a.city.clone(),
-        postal_code: a.postal_code.clone(),
-        country: a.country.clone(),
-    })?;
-    if !deps.gateway.accepts(&body.payment_token) {
-        return Err(CheckoutError::PaymentToken);
-    }
-    let cart_port = deps.cart.clone().ok_or_else(|| {
-        CheckoutError::CartUnavailable("the cart module is not reachable from this process".into())
-    })?;
-    let call = CallContext {
-        bearer: req
-            .headers()
-            .get(actix_web::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::to_string),
-        traceparent: Some(ctx.trace.child().to_string()),
+    // The key is looked up only where this request would be refused, or where its
+    // key collides: a new placement, the common case, reads nothing of checkout's
+    // before its one write transaction.
+    let checked = check_placement(&deps, &body, &customer, &req, &ctx).await;
+    let (address, cart, total) = match checked {
+        Ok(checked) => checked,
+        Err(refusal) => {
+            return refuse_unless_replayed(&db, &customer, &key, &fingerprint, refusal).await;
+        }
     };
-    let cart = cart_port
-        .snapshot(&customer, &call)
-        .await
-        .map_err(|e| CheckoutError::CartUnavailable(e.to_string()))?;
-    let Some(total) = cart.total.clone() else {
-        return refuse_unless_replayed(
-            &db,
-            &customer,
-            &key,
-            &fingerprint,
-            CheckoutError::EmptyCart,
-        )
-        .await;
-    };
-    let unavailable: Vec<String> = cart
-        .lines
-        .iter()
-        .filter(|l| !l.available)
-        .map(|l| l.name.clone())
-        .collect();
-    if !unavailable.is_empty() {
-        let refusal = CheckoutError::Unavailable(unavailable.join(", "));
-        return refuse_unless_replayed(&db, &customer, &key, &fingerprint, refusal).await;
-    }
 
     let order_id = Uuid::now_v7();
     let now = kernel::time::now();
