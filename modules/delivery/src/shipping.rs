@@ -82,10 +82,11 @@ pub fn open(
     publisher: &Publisher,
     row: ShipmentRow,
 ) -> Result<(), ShippingError> {
-    if store::of_order(conn, &row.order_id)?.is_some() {
+    // One shipment per order: the insert is the check (a redelivered
+    // confirmation finds the order's shipment there, and changes nothing).
+    if !store::insert(conn, &row)? {
         return Ok(());
     }
-    store::insert(conn, &row)?;
     let (shipment_id, order_id) = ids(&row);
     publisher.publish(
         conn,
@@ -142,4 +143,69 @@ pub fn cancel(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![expect(clippy::unwrap_used, reason = "a test fails by panicking")]
+
+    use contracts::Event;
+    use diesel::prelude::*;
+    use kernel::db::{self, Location, PoolOptions};
+    use kernel::on_both_backends;
+    use kernel::testing::TestDatabase;
+
+    use super::*;
+    use crate::schema::{shipment_events, shipments};
+
+    fn shipment(id: Uuid, order_id: Uuid) -> ShipmentRow {
+        let now = kernel::time::now();
+        ShipmentRow {
+            id: id.to_string(),
+            order_id: order_id.to_string(),
+            customer_id: "c-1".into(),
+            status: Status::Preparing.as_str().into(),
+            name: "Ada Lovelace".into(),
+            line1: "12 Analytical Row".into(),
+            city: "London".into(),
+            postal_code: "N1 9GU".into(),
+            country: "GB".into(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Given an order's confirmation handled once, when it comes again (a second
+    /// event for the same order, with a shipment id of its own), then the order
+    /// still has one shipment, one shipment event and one `shipment_created`.
+    async fn a_second_confirmation_opens_no_second_shipment(test_db: TestDatabase) {
+        let location = Location::resolve(&test_db.url(), crate::MODULE).unwrap();
+        let options = PoolOptions::default();
+        let pool = db::pool(db::prepare(&location, &options).unwrap(), &options).unwrap();
+        let mut conn = pool.get().unwrap();
+        kernel::migrate::run_pending(&mut conn, crate::MODULE, crate::SPEC.migrations).unwrap();
+        let publisher = Publisher::new(crate::MODULE, Uuid::now_v7(), None);
+        let order_id = Uuid::now_v7();
+        let first = Uuid::now_v7();
+
+        for id in [first, Uuid::now_v7()] {
+            db::write_tx(&mut conn, |c| open(c, &publisher, shipment(id, order_id))).unwrap();
+        }
+
+        let ids: Vec<String> = shipments::table
+            .select(shipments::id)
+            .load(&mut *conn)
+            .unwrap();
+        assert_eq!(ids, [first.to_string()]);
+        let events: i64 = shipment_events::table
+            .count()
+            .get_result(&mut *conn)
+            .unwrap();
+        assert_eq!(events, 1);
+        let published = kernel::outbox::read_after(&mut conn, crate::MODULE, 0, 10).unwrap();
+        assert_eq!(published.len(), 1);
+        assert_eq!(published[0].as_ref().unwrap().name, ShipmentCreated::NAME);
+    }
+
+    on_both_backends!(a_second_confirmation_opens_no_second_shipment);
 }

@@ -23,11 +23,22 @@ pub struct ShipmentRow {
     pub updated_at: NaiveDateTime,
 }
 
-pub fn insert(conn: &mut AnyConnection, row: &ShipmentRow) -> QueryResult<()> {
-    diesel::insert_into(shipments::table)
+/// Stores the shipment of an order that has none yet, with its first event;
+/// returns false, writing nothing, when the order has one already.
+pub fn insert(conn: &mut AnyConnection, row: &ShipmentRow) -> QueryResult<bool> {
+    let insert = diesel::insert_into(shipments::table)
         .values(row)
-        .execute(conn)?;
-    record_event(conn, &row.id, &row.status, row.created_at)
+        .on_conflict(shipments::order_id)
+        .do_nothing();
+    let inserted = match conn {
+        AnyConnection::Postgresql(c) => insert.execute(c)?,
+        AnyConnection::Sqlite(c) => insert.execute(c)?,
+    };
+    if inserted == 0 {
+        return Ok(false);
+    }
+    record_event(conn, &row.id, &row.status, row.created_at)?;
+    Ok(true)
 }
 
 pub fn record_event(
