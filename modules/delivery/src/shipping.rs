@@ -147,8 +147,6 @@ pub fn cancel(
 
 #[cfg(test)]
 mod tests {
-    #![expect(clippy::unwrap_used, reason = "a test fails by panicking")]
-
     use contracts::Event;
     use diesel::prelude::*;
     use kernel::db::{self, Location, PoolOptions};
