@@ -295,6 +295,38 @@ async fn placement_is_idempotent(db: TestDatabase) {
     )
     .await;
 
+    // Confirmed, the order emptied the cart: a retry that would be refused for an
+    // empty cart (or for any other reason) is answered by the key first.
+    app.order_in(&erin, &id(&first), "confirmed").await;
+    let res = app.place_order(&erin, "same-key", "tok_ok").await;
+    assert_eq!(
+        res.status(),
+        202,
+        "a retry finds the order, not an empty cart"
+    );
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    assert_eq!(id(&res.json::<Value>().await.unwrap()), id(&first));
+    assert_problem(
+        app.place_order(&erin, "same-key", "tok_bogus").await,
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
+    // With the cart filled again, the retry's key collides in the placing
+    // transaction: the same order, and no second one.
+    assert_eq!(app.put_in_cart(&erin, &tea, 2).await.status(), 200);
+    let res = app.place_order(&erin, "same-key", "tok_ok").await;
+    assert_eq!(res.status(), 202);
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    assert_eq!(id(&res.json::<Value>().await.unwrap()), id(&first));
+    let list: Value = app
+        .get("/api/v1/checkout/orders", Some(&erin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+
     let frank = customer_with_cart(&app, "frank", &[(&tea, 1)]).await;
     let attempts = join_all((0..8).map(|_| app.place_order(&frank, "burst", "tok_ok"))).await;
     let mut ids = Vec::new();
