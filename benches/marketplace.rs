@@ -5,9 +5,9 @@
 //!   product of its own);
 //! - (b) placements/s (202s) at 32 concurrent clients ÷ the backend's raw single-row
 //!   commit rate (measured in the same run): one writer committing one row at a
-//!   time, as the bus benchmark's (a) measures it. The rate at 32 writers is printed
-//!   beside it (docs/performance.md, "The marketplace", says why the target is held
-//!   against the first);
+//!   time. The ratio to the rate at 32 writers is printed beside it, with its
+//!   verdict too (docs/performance.md, "The denominator of (b)",
+//!   says why the target is held against the first);
 //! - (c) placement → confirmed latency p50/p99 with placements paced at half of (b).
 //!   It runs from the commit of `checkout.order_placed.v1` to the commit of
 //!   `checkout.order_confirmed.v1` (their `occurred_at` in checkout's outbox): the
@@ -210,15 +210,17 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
             ""
         }
     );
-    // The issue sets (b)'s target for PostgreSQL only.
-    let target_b = if backend == "sqlite" {
-        "(none on SQLite)"
+    // The issue sets (b)'s target for PostgreSQL only; held against the 32-writer
+    // rate too, the reading of the issue this benchmark used before.
+    let ratio_b_many = rate_b / raw_many;
+    let (target_b, target_b_many) = if backend == "sqlite" {
+        ("(none on SQLite)", "")
     } else {
-        verdict(ratio_b >= 0.3)
+        (verdict(ratio_b >= 0.3), verdict(ratio_b_many >= 0.3))
     };
     println!(
-        "(b) ÷ raw commits, 1 writer        {ratio_b:>9.2}   target ≥ 0.30 on PostgreSQL {target_b}   (÷ {clients} writers: {:.2})",
-        rate_b / raw_many
+        "(b) ÷ raw commits, 1 writer        {ratio_b:>9.2}   target ≥ 0.30 on PostgreSQL {target_b}   \
+         (÷ {clients} writers: {ratio_b_many:.2} {target_b_many})"
     );
     let draining = Instant::now();
     settle(&rig, &placed).await?;
