@@ -173,15 +173,33 @@ mod tests {
         }
     }
 
-    /// Given an order's confirmation handled once, when it comes again (a second
-    /// event for the same order, with a shipment id of its own), then the order
-    /// still has one shipment, one shipment event and one `shipment_created`.
-    async fn a_second_confirmation_opens_no_second_shipment(test_db: TestDatabase) {
+    fn migrated(test_db: &TestDatabase) -> db::DbPool {
         let location = Location::resolve(&test_db.url(), crate::MODULE).unwrap();
         let options = PoolOptions::default();
         let pool = db::pool(db::prepare(&location, &options).unwrap(), &options).unwrap();
         let mut conn = pool.get().unwrap();
         kernel::migrate::run_pending(&mut conn, crate::MODULE, crate::SPEC.migrations).unwrap();
+        pool
+    }
+
+    /// The order's shipments, shipment events and published events.
+    fn opened(conn: &mut AnyConnection) -> (Vec<String>, i64, Vec<String>) {
+        let ids = shipments::table.select(shipments::id).load(conn).unwrap();
+        let events = shipment_events::table.count().get_result(conn).unwrap();
+        let published = kernel::outbox::read_after(conn, crate::MODULE, 0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.unwrap().name)
+            .collect();
+        (ids, events, published)
+    }
+
+    /// Given an order's confirmation handled once, when it comes again (a second
+    /// event for the same order, with a shipment id of its own), then the order
+    /// still has one shipment, one shipment event and one `shipment_created`.
+    async fn a_second_confirmation_opens_no_second_shipment(test_db: TestDatabase) {
+        let pool = migrated(&test_db);
+        let mut conn = pool.get().unwrap();
         let publisher = Publisher::new(crate::MODULE, Uuid::now_v7(), None);
         let order_id = Uuid::now_v7();
         let first = Uuid::now_v7();
@@ -190,20 +208,86 @@ mod tests {
             db::write_tx(&mut conn, |c| open(c, &publisher, shipment(id, order_id))).unwrap();
         }
 
-        let ids: Vec<String> = shipments::table
-            .select(shipments::id)
-            .load(&mut *conn)
-            .unwrap();
-        assert_eq!(ids, [first.to_string()]);
-        let events: i64 = shipment_events::table
-            .count()
-            .get_result(&mut *conn)
-            .unwrap();
-        assert_eq!(events, 1);
-        let published = kernel::outbox::read_after(&mut conn, crate::MODULE, 0, 10).unwrap();
-        assert_eq!(published.len(), 1);
-        assert_eq!(published[0].as_ref().unwrap().name, ShipmentCreated::NAME);
+        assert_eq!(
+            opened(&mut conn),
+            (
+                vec![first.to_string()],
+                1,
+                vec![ShipmentCreated::NAME.to_string()]
+            )
+        );
     }
 
-    on_both_backends!(a_second_confirmation_opens_no_second_shipment);
+    /// Given one confirmation's shipment inserted and not yet committed, when a
+    /// second confirmation of the order is handled meanwhile, then it waits for the
+    /// first (on PostgreSQL its insert waits on the order's unique key; SQLite
+    /// serialises the two transactions) and, once the first commits, writes
+    /// nothing and does not fail. (A read before the insert saw no shipment there,
+    /// and its insert then failed on the key.)
+    async fn racing_confirmations_open_one_shipment(test_db: TestDatabase) {
+        let pool = migrated(&test_db);
+        let publisher = Publisher::new(crate::MODULE, Uuid::now_v7(), None);
+        let order_id = Uuid::now_v7();
+        let first = Uuid::now_v7();
+
+        let second = std::thread::scope(|scope| {
+            let mut conn = pool.get().unwrap();
+            let second = db::write_tx(&mut conn, |c| {
+                open(c, &publisher, shipment(first, order_id))?;
+                let second = scope.spawn(|| {
+                    let mut conn = pool.get().unwrap();
+                    db::write_tx(&mut conn, |c| {
+                        open(c, &publisher, shipment(Uuid::now_v7(), order_id))
+                    })
+                });
+                wait_for_a_waiter(c);
+                Ok::<_, ShippingError>(second)
+            })
+            .unwrap();
+            second.join().unwrap()
+        });
+
+        assert!(second.is_ok(), "the second confirmation failed: {second:?}");
+        assert_eq!(
+            opened(&mut pool.get().unwrap()),
+            (
+                vec![first.to_string()],
+                1,
+                vec![ShipmentCreated::NAME.to_string()]
+            )
+        );
+    }
+
+    /// On PostgreSQL, until another session of this database waits for a lock.
+    /// (On SQLite the second transaction cannot begin before the first ends: a
+    /// short pause lets it try.)
+    fn wait_for_a_waiter(conn: &mut AnyConnection) {
+        #[derive(QueryableByName)]
+        struct Waiting {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        if matches!(conn, AnyConnection::Sqlite(_)) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            return;
+        }
+        for _ in 0..500 {
+            let waiting: Waiting = diesel::sql_query(
+                "SELECT count(*) AS n FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .get_result(conn)
+            .unwrap();
+            if waiting.n > 0 {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the second confirmation never waited for the first");
+    }
+
+    on_both_backends!(
+        a_second_confirmation_opens_no_second_shipment,
+        racing_confirmations_open_one_shipment
+    );
 }
