@@ -297,6 +297,17 @@ impl TestApp {
             .expect("product json")
     }
 
+    /// The customer's orders (the first page of them).
+    pub async fn orders(&self, customer: &str) -> Vec<Value> {
+        let list: Value = self
+            .get("/api/v1/checkout/orders", Some(customer))
+            .await
+            .json()
+            .await
+            .expect("orders json");
+        list["items"].as_array().expect("items").clone()
+    }
+
     /// The customer's notifications as (kind, order id) pairs.
     pub async fn notifications(&self, customer: &str) -> Vec<(String, String)> {
         let list: Value = self

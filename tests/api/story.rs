@@ -127,13 +127,7 @@ pub async fn whole_story(app: &TestApp) {
             "shipment_dispatched"
         ]
     );
-    let list: Value = app
-        .get("/api/v1/checkout/orders", Some(&alice))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert_eq!(app.orders(&alice).await.len(), 1);
 }
 
 async fn a_declined_payment_releases_stock_and_keeps_the_cart(db: TestDatabase) {
@@ -273,6 +267,13 @@ async fn cancelling_before_dispatch_refunds_and_after_is_refused(db: TestDatabas
     app.stop().await;
 }
 
+/// Asserts that `res` answers a placement with order `order_id` again.
+async fn assert_replayed(res: reqwest::Response, order_id: &str) {
+    assert_eq!(res.status(), 202);
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    assert_eq!(id(&res.json::<Value>().await.unwrap()), order_id);
+}
+
 async fn placement_is_idempotent(db: TestDatabase) {
     let app = spawn_app(db).await;
     let tea = id(&app.create_product(&app.seller(), "TEA-1", 450, 50).await);
@@ -283,11 +284,8 @@ async fn placement_is_idempotent(db: TestDatabase) {
         .json()
         .await
         .unwrap();
-    let res = app.place_order(&erin, "same-key", "tok_ok").await;
-    assert_eq!(res.status(), 202);
-    assert_eq!(res.headers()["idempotent-replayed"], "true");
-    let again: Value = res.json().await.unwrap();
-    assert_eq!(id(&again), id(&first));
+    let first = id(&first);
+    assert_replayed(app.place_order(&erin, "same-key", "tok_ok").await, &first).await;
     assert_problem(
         app.place_order(&erin, "same-key", "tok_decline").await,
         422,
@@ -297,15 +295,8 @@ async fn placement_is_idempotent(db: TestDatabase) {
 
     // Confirmed, the order emptied the cart: a retry that would be refused for an
     // empty cart (or for any other reason) is answered by the key first.
-    app.order_in(&erin, &id(&first), "confirmed").await;
-    let res = app.place_order(&erin, "same-key", "tok_ok").await;
-    assert_eq!(
-        res.status(),
-        202,
-        "a retry finds the order, not an empty cart"
-    );
-    assert_eq!(res.headers()["idempotent-replayed"], "true");
-    assert_eq!(id(&res.json::<Value>().await.unwrap()), id(&first));
+    app.order_in(&erin, &first, "confirmed").await;
+    assert_replayed(app.place_order(&erin, "same-key", "tok_ok").await, &first).await;
     assert_problem(
         app.place_order(&erin, "same-key", "tok_bogus").await,
         422,
@@ -315,17 +306,8 @@ async fn placement_is_idempotent(db: TestDatabase) {
     // With the cart filled again, the retry's key collides in the placing
     // transaction: the same order, and no second one.
     assert_eq!(app.put_in_cart(&erin, &tea, 2).await.status(), 200);
-    let res = app.place_order(&erin, "same-key", "tok_ok").await;
-    assert_eq!(res.status(), 202);
-    assert_eq!(res.headers()["idempotent-replayed"], "true");
-    assert_eq!(id(&res.json::<Value>().await.unwrap()), id(&first));
-    let list: Value = app
-        .get("/api/v1/checkout/orders", Some(&erin))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert_replayed(app.place_order(&erin, "same-key", "tok_ok").await, &first).await;
+    assert_eq!(app.orders(&erin).await.len(), 1);
 
     let frank = customer_with_cart(&app, "frank", &[(&tea, 1)]).await;
     let attempts = join_all((0..8).map(|_| app.place_order(&frank, "burst", "tok_ok"))).await;
@@ -336,13 +318,7 @@ async fn placement_is_idempotent(db: TestDatabase) {
     }
     ids.dedup();
     assert_eq!(ids.len(), 1, "concurrent duplicates make one order");
-    let list: Value = app
-        .get("/api/v1/checkout/orders", Some(&frank))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert_eq!(app.orders(&frank).await.len(), 1);
     app.stop().await;
 }
 
@@ -401,15 +377,8 @@ async fn bad_placements_are_refused_and_write_nothing(db: TestDatabase) {
         "forbidden",
     )
     .await;
-    let list: Value = app
-        .get("/api/v1/checkout/orders", Some(&gina))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(
-        list["items"],
-        json!([]),
+    assert!(
+        app.orders(&gina).await.is_empty(),
         "no rejected placement wrote an order"
     );
     assert_eq!(app.published("checkout").await, 0);
@@ -466,13 +435,7 @@ async fn customers_never_see_each_others_orders(db: TestDatabase) {
         .unwrap();
     assert_eq!(theirs["items"], json!([]));
     assert!(app.notifications(&ivan).await.is_empty());
-    let orders: Value = app
-        .get("/api/v1/checkout/orders", Some(&ivan))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(orders["items"], json!([]));
+    assert!(app.orders(&ivan).await.is_empty());
     let res = app
         .post(
             &format!("/api/v1/delivery/shipments/{shipment}/dispatch"),
