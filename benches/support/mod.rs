@@ -30,6 +30,10 @@ impl Rig {
             base,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(256)
+                // Below the server's keep-alive (actix: 5 s), so that a connection
+                // left idle between phases (while the saga drains) is dropped here
+                // first, not closed by the server under a request sent on it.
+                .pool_idle_timeout(Duration::from_secs(2))
                 .timeout(Duration::from_secs(30))
                 .build()?,
             auth: Authenticator::new(jwt_secret),
