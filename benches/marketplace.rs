@@ -214,13 +214,16 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
     // rate too, the reading of the issue this benchmark used before.
     let ratio_b_many = rate_b / raw_many;
     let (target_b, target_b_many) = if backend == "sqlite" {
-        ("(none on SQLite)", "")
+        ("(none on SQLite)", String::new())
     } else {
-        (verdict(ratio_b >= 0.3), verdict(ratio_b_many >= 0.3))
+        (
+            verdict(ratio_b >= 0.3),
+            format!(" {}", verdict(ratio_b_many >= 0.3)),
+        )
     };
     println!(
         "(b) ÷ raw commits, 1 writer        {ratio_b:>9.2}   target ≥ 0.30 on PostgreSQL {target_b}   \
-         (÷ {clients} writers: {ratio_b_many:.2} {target_b_many})"
+         (÷ {clients} writers: {ratio_b_many:.2}{target_b_many})"
     );
     let draining = Instant::now();
     settle(&rig, &placed).await?;
