@@ -72,6 +72,9 @@ pub struct BusSettings {
     pub nats_prefix: String,
     pub batch_size: usize,
     pub poll_interval_ms: u64,
+    /// Milliseconds a consumer off the saga's path waits after a wake-up before
+    /// its pass (`Consumer::prompt`).
+    pub linger_ms: u64,
     pub max_attempts: i32,
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
@@ -89,6 +92,7 @@ impl BusSettings {
             max_delay: Duration::from_millis(self.retry_max_ms.max(self.retry_base_ms)),
             batch_size: self.batch_size.max(1),
             poll_interval: Duration::from_millis(self.poll_interval_ms.max(10)),
+            linger: Duration::from_millis(self.linger_ms),
         }
     }
 

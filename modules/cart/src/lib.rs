@@ -77,12 +77,15 @@ impl Module for Cart {
                     contracts::catalog::PriceChanged::NAME,
                     contracts::catalog::ProductDelisted::NAME,
                 ],
+                prompt: false,
                 handler: Arc::new(handlers::CatalogEvents),
             },
             Consumer {
                 name: MODULE,
                 source: "checkout",
                 events: &[contracts::checkout::OrderConfirmed::NAME],
+                // A customer who sees the order confirmed looks at the cart next.
+                prompt: true,
                 handler: Arc::new(handlers::CheckoutEvents),
             },
         ]

@@ -87,12 +87,15 @@ impl Module for Catalog {
                     contracts::checkout::OrderRejected::NAME,
                     contracts::checkout::OrderCancelled::NAME,
                 ],
+                // The reservation is the saga's first step.
+                prompt: true,
                 handler: Arc::new(handlers::CheckoutEvents),
             },
             Consumer {
                 name: MODULE,
                 source: "delivery",
                 events: &[contracts::delivery::ShipmentDispatched::NAME],
+                prompt: false,
                 handler: Arc::new(handlers::DeliveryEvents),
             },
         ]

@@ -130,6 +130,8 @@ impl Module for Checkout {
                     contracts::catalog::StockReserved::NAME,
                     contracts::catalog::StockReservationRejected::NAME,
                 ],
+                // The reservation's outcome leads to the charge and the answer.
+                prompt: true,
                 handler: Arc::new(handlers::CatalogEvents {
                     payments: self.payments.clone(),
                 }),
@@ -138,6 +140,7 @@ impl Module for Checkout {
                 name: MODULE,
                 source: "delivery",
                 events: contracts::delivery::EVENT_NAMES,
+                prompt: false,
                 handler: Arc::new(handlers::DeliveryEvents {
                     payments: self.payments.clone(),
                 }),

@@ -86,6 +86,7 @@ impl Module for Delivery {
                 contracts::checkout::OrderConfirmed::NAME,
                 contracts::checkout::CancellationRequested::NAME,
             ],
+            prompt: false,
             handler: Arc::new(handlers::CheckoutEvents),
         }]
     }

@@ -462,6 +462,7 @@ impl BusRig {
                 name: "beta",
                 source: "alpha",
                 events: &[],
+                prompt: true,
                 handler: Arc::new(Handler {
                     tracker: tracker.clone(),
                 }),

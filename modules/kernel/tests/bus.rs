@@ -183,6 +183,7 @@ fn policy() -> RetryPolicy {
         max_delay: Duration::from_secs(2),
         batch_size: 64,
         poll_interval: Duration::from_millis(200),
+        linger: Duration::ZERO,
     }
 }
 
@@ -285,6 +286,7 @@ fn engine_wanting(
         name: handler.consumer,
         source: "alpha",
         events,
+        prompt: true,
         handler,
     };
     ConsumerEngine::new(consumer, db.clone(), policy, Arc::new(Metrics::default()))
@@ -1333,6 +1335,7 @@ fn echo(db: &Db, fail_on: &'static [i64], retry: bool) -> ConsumerEngine {
         name: "beta",
         source: "alpha",
         events: &[],
+        prompt: true,
         handler: Arc::new(Echo { fail_on, retry }),
     };
     ConsumerEngine::new(consumer, db.clone(), policy(), Arc::new(Metrics::default()))
@@ -1485,6 +1488,7 @@ async fn rolled_back_events_never_reach_a_local_consumer(test_db: TestDatabase) 
             name: "gamma",
             source: "beta",
             events: &[],
+            prompt: true,
             handler: collect.clone(),
         },
         gamma.clone(),
@@ -1770,6 +1774,72 @@ async fn pruning_goes_on_chunk_by_chunk(test_db: TestDatabase) {
     assert_eq!(inbox_size(&producer), 0);
 }
 
+/// A consumer that is not `prompt` lets the policy's linger go by after a wake-up:
+/// five commits made one after the other within it are handled by one pass (one
+/// inbox time), no sooner than the linger after the first; a prompt consumer with
+/// the same policy passes at once.
+async fn a_consumer_off_the_saga_lingers_and_handles_a_burst_in_one_pass(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    let linger = Duration::from_millis(400);
+    let lingering = RetryPolicy { linger, ..policy() };
+    let mut engines = Vec::new();
+    for (name, prompt) in [("beta", false), ("gamma", true)] {
+        let consumer = Consumer {
+            name,
+            source: "alpha",
+            events: &[],
+            prompt,
+            handler: Arc::new(Recorder::new(name)),
+        };
+        let engine = ConsumerEngine::new(
+            consumer,
+            s.consumer.clone(),
+            lingering.clone(),
+            Arc::new(Metrics::default()),
+        );
+        let (stop, stopped) = watch::channel(false);
+        let sub = s.transport.subscribe(name, "alpha").unwrap();
+        engines.push((stop, tokio::spawn(engine.run(sub, stopped))));
+    }
+    // Both caught up (an empty first pass) before the burst.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    for n in 0..5 {
+        publish(&s.producer, "burst", n);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let prompt_first = eventually(Duration::from_secs(5), || {
+        !effects(&s.consumer, "gamma").is_empty()
+    })
+    .await;
+    assert!(prompt_first, "the prompt consumer handled nothing");
+    assert!(
+        effects(&s.consumer, "beta").is_empty() || started.elapsed() >= linger,
+        "the lingering consumer passed before its linger was over"
+    );
+    let all = eventually(Duration::from_secs(5), || {
+        effects(&s.consumer, "beta").len() == 5
+    })
+    .await;
+    assert!(all, "the lingering consumer did not handle the burst");
+    assert!(started.elapsed() >= linger);
+    let passes = |consumer: &'static str| -> usize {
+        use kernel::schema::colony_inbox as i;
+        let mut conn = s.consumer.pool().get().unwrap();
+        let times: Vec<NaiveDateTime> = i::table
+            .filter(i::consumer.eq(consumer))
+            .select(i::handled_at)
+            .load(&mut conn)
+            .unwrap();
+        times.into_iter().collect::<HashSet<_>>().len()
+    };
+    assert_eq!(passes("beta"), 1, "the burst took more than one pass");
+    for (stop, running) in engines {
+        stop.send(true).unwrap();
+        running.await.unwrap();
+    }
+}
+
 async fn undelivered_events_are_delivered_after_a_restart_locally(test_db: TestDatabase) {
     undelivered_events_are_delivered_after_a_restart(test_db, Via::Local).await;
 }
@@ -1886,6 +1956,7 @@ on_both_backends!(
     rolled_back_events_never_reach_a_local_consumer,
     pruning_keeps_what_a_reader_still_needs,
     pruning_goes_on_chunk_by_chunk,
+    a_consumer_off_the_saga_lingers_and_handles_a_burst_in_one_pass,
 );
 
 // With NATS JetStream carrying the events.

@@ -110,6 +110,7 @@ impl Module for Notification {
                     contracts::checkout::OrderRejected::NAME,
                     contracts::checkout::OrderCancelled::NAME,
                 ],
+                prompt: false,
                 handler: handler.clone(),
             },
             Consumer {
@@ -119,6 +120,7 @@ impl Module for Notification {
                     contracts::delivery::ShipmentDispatched::NAME,
                     contracts::delivery::ShipmentDelivered::NAME,
                 ],
+                prompt: false,
                 handler,
             },
         ]

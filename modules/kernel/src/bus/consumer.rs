@@ -617,16 +617,31 @@ impl ConsumerEngine {
                 if wait.is_zero() {
                     continue;
                 }
+                let mut woken = false;
                 tokio::select! {
-                    _ = sub.wait(wait) => may_skip = result.is_ok(),
+                    new = sub.wait(wait) => {
+                        may_skip = result.is_ok();
+                        woken = new;
+                    }
                     _ = nudges.changed() => {}
                     _ = shutdown.changed() => {}
+                }
+                if woken && engine.lingers() {
+                    tokio::select! {
+                        () = tokio::time::sleep(engine.policy.linger) => {}
+                        _ = shutdown.changed() => {}
+                    }
                 }
             }
             tracing::debug!("consumer stopped");
         }
         .instrument(span)
         .await;
+    }
+
+    /// Whether a wake-up is followed by `RetryPolicy::linger` before the pass.
+    fn lingers(&self) -> bool {
+        !self.consumer.prompt && !self.policy.linger.is_zero()
     }
 
     /// How long to sleep after a pass: not at all while batches come full.

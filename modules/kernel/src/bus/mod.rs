@@ -68,6 +68,11 @@ pub struct Consumer {
     /// The event names the handler acts on; others pass by without a transaction
     /// of their own or an inbox record. Empty: every event of the source.
     pub events: &'static [&'static str],
+    /// Whether someone waits on this consumer's work as it happens (a step of the
+    /// order saga): it passes as soon as it is woken. Any other consumer lets
+    /// `RetryPolicy::linger` go by after a wake-up first, so that one pass handles
+    /// what arrives meanwhile.
+    pub prompt: bool,
     pub handler: Arc<dyn EventHandler>,
 }
 
@@ -88,6 +93,9 @@ pub struct RetryPolicy {
     pub batch_size: usize,
     /// Fallback poll when no commit signal arrives (other replicas, a crash).
     pub poll_interval: Duration,
+    /// How long a consumer that is not `prompt` waits after being woken before its
+    /// pass: what else arrives meanwhile costs no transaction of its own.
+    pub linger: Duration,
 }
 
 impl Default for RetryPolicy {
@@ -98,6 +106,7 @@ impl Default for RetryPolicy {
             max_delay: Duration::from_secs(60),
             batch_size: 256,
             poll_interval: Duration::from_secs(1),
+            linger: Duration::ZERO,
         }
     }
 }
