@@ -2,7 +2,11 @@
 //! the transaction (and the outbox rows written with it).
 
 use chrono::NaiveDateTime;
+use diesel::backend::Backend;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::serialize::ToSql;
+use diesel::sql_types::{Bool, HasSqlType, Text};
 use kernel::AnyConnection;
 
 use crate::schema::products;
@@ -193,21 +197,43 @@ pub fn reservations(
 
 /// Whether the catalog already decided on this order (reserved or refused).
 pub fn decided(conn: &mut AnyConnection, order_id: &str) -> QueryResult<bool> {
-    use crate::schema::{reservation_refusals as f, reservations as r};
-    // Two lookups by key. (One `SELECT EXISTS (…) OR EXISTS (…)` was slower by far
-    // on PostgreSQL: 0.5 ms a call against 0.01, and growing with the table.)
-    let reserved: i64 = r::table
-        .filter(r::order_id.eq(order_id))
-        .count()
-        .get_result(conn)?;
-    if reserved > 0 {
-        return Ok(true);
+    let decided = Decided(order_id);
+    match conn {
+        AnyConnection::Postgresql(c) => decided.get_result(c),
+        AnyConnection::Sqlite(c) => decided.get_result(c),
     }
-    let refused: i64 = f::table
-        .filter(f::order_id.eq(order_id))
-        .count()
-        .get_result(conn)?;
-    Ok(refused > 0)
+}
+
+/// Whether an order has a reservation or a refusal: two lookups by key in one
+/// statement, written out so that it is prepared once per connection. (Built with
+/// diesel's `exists(…).or(exists(…))` it was slower by far on PostgreSQL: 0.5 ms a
+/// call against 0.01, and growing with the table.)
+struct Decided<'a>(&'a str);
+
+impl QueryId for Decided<'_> {
+    type QueryId = Decided<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for Decided<'_> {
+    type SqlType = Bool;
+}
+
+impl<C> RunQueryDsl<C> for Decided<'_> {}
+
+impl<DB> QueryFragment<DB> for Decided<'_>
+where
+    DB: Backend + HasSqlType<Text>,
+    str: ToSql<Text, DB>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        out.push_sql("SELECT EXISTS (SELECT 1 FROM reservations WHERE order_id = ");
+        out.push_bind_param::<Text, _>(self.0)?;
+        out.push_sql(") OR EXISTS (SELECT 1 FROM reservation_refusals WHERE order_id = ");
+        out.push_bind_param::<Text, _>(self.0)?;
+        out.push_sql(")");
+        Ok(())
+    }
 }
 
 pub fn set_reservation_status(
