@@ -2,7 +2,10 @@
 //! the transaction.
 
 use chrono::NaiveDateTime;
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
+use diesel::sql_types::{Text, Timestamp};
 use kernel::AnyConnection;
 
 use crate::schema::{shipment_events, shipments};
@@ -24,14 +27,15 @@ pub struct ShipmentRow {
 }
 
 /// Stores the shipment of an order that has none yet, with its first event;
-/// returns false, writing nothing, when the order has one already.
+/// returns false, writing nothing, when the order has one already. On PostgreSQL
+/// both rows go in one statement.
 pub fn insert(conn: &mut AnyConnection, row: &ShipmentRow) -> QueryResult<bool> {
     let insert = diesel::insert_into(shipments::table)
         .values(row)
         .on_conflict(shipments::order_id)
         .do_nothing();
     let inserted = match conn {
-        AnyConnection::Postgresql(c) => insert.execute(c)?,
+        AnyConnection::Postgresql(c) => return Ok(OpenPg(row).execute(c)? > 0),
         AnyConnection::Sqlite(c) => insert.execute(c)?,
     };
     if inserted == 0 {
@@ -39,6 +43,52 @@ pub fn insert(conn: &mut AnyConnection, row: &ShipmentRow) -> QueryResult<bool> 
     }
     record_event(conn, &row.id, &row.status, row.created_at)?;
     Ok(true)
+}
+
+/// PostgreSQL: the shipment unless its order has one, and the first event of the
+/// shipment inserted; written out so that it is prepared once per connection.
+/// Affects one row (the event) or none.
+struct OpenPg<'a>(&'a ShipmentRow);
+
+impl QueryId for OpenPg<'_> {
+    type QueryId = OpenPg<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl RunQueryDsl<diesel::PgConnection> for OpenPg<'_> {}
+
+impl QueryFragment<Pg> for OpenPg<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let row = self.0;
+        out.push_sql(
+            "WITH opened AS (INSERT INTO shipments (id, order_id, customer_id, status, name, \
+             line1, city, postal_code, country, created_at, updated_at) VALUES (",
+        );
+        let texts = [
+            &row.id,
+            &row.order_id,
+            &row.customer_id,
+            &row.status,
+            &row.name,
+            &row.line1,
+            &row.city,
+            &row.postal_code,
+            &row.country,
+        ];
+        for text in texts {
+            out.push_bind_param::<Text, _>(text)?;
+            out.push_sql(", ");
+        }
+        out.push_bind_param::<Timestamp, _>(&row.created_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamp, _>(&row.updated_at)?;
+        out.push_sql(
+            ") ON CONFLICT (order_id) DO NOTHING RETURNING id, status, created_at) \
+             INSERT INTO shipment_events (shipment_id, status, at) \
+             SELECT id, status, created_at FROM opened",
+        );
+        Ok(())
+    }
 }
 
 pub fn record_event(
