@@ -6,7 +6,7 @@ use diesel::backend::Backend;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::serialize::ToSql;
-use diesel::sql_types::{Bool, HasSqlType, Text};
+use diesel::sql_types::{BigInt, Bool, HasSqlType, Text, Timestamp};
 use kernel::AnyConnection;
 
 use crate::schema::products;
@@ -152,14 +152,48 @@ pub fn set_stock(
     stock: crate::domain::Stock,
     now: NaiveDateTime,
 ) -> QueryResult<()> {
-    diesel::update(products::table.find(id))
-        .set((
-            products::on_hand.eq(stock.on_hand),
-            products::reserved.eq(stock.reserved),
-            products::updated_at.eq(now),
-        ))
-        .execute(conn)?;
+    let set = SetStock { id, stock, now };
+    match conn {
+        AnyConnection::Postgresql(c) => set.execute(c)?,
+        AnyConnection::Sqlite(c) => set.execute(c)?,
+    };
     Ok(())
+}
+
+/// A product's stock, written out so that each connection prepares it once (diesel
+/// prepares an UPDATE anew on every run): every reservation, release and commit
+/// runs it for each line.
+struct SetStock<'a> {
+    id: &'a str,
+    stock: crate::domain::Stock,
+    now: NaiveDateTime,
+}
+
+impl QueryId for SetStock<'_> {
+    type QueryId = SetStock<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<C> RunQueryDsl<C> for SetStock<'_> {}
+
+impl<DB> QueryFragment<DB> for SetStock<'_>
+where
+    DB: Backend + HasSqlType<Text> + HasSqlType<BigInt> + HasSqlType<Timestamp>,
+    str: ToSql<Text, DB>,
+    i64: ToSql<BigInt, DB>,
+    NaiveDateTime: ToSql<Timestamp, DB>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        out.push_sql("UPDATE products SET on_hand = ");
+        out.push_bind_param::<BigInt, _>(&self.stock.on_hand)?;
+        out.push_sql(", reserved = ");
+        out.push_bind_param::<BigInt, _>(&self.stock.reserved)?;
+        out.push_sql(", updated_at = ");
+        out.push_bind_param::<Timestamp, _>(&self.now)?;
+        out.push_sql(" WHERE id = ");
+        out.push_bind_param::<Text, _>(self.id)?;
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]

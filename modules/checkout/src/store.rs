@@ -4,7 +4,11 @@
 use std::collections::HashMap;
 
 use chrono::NaiveDateTime;
+use diesel::backend::Backend;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, QueryFragment, QueryId};
+use diesel::serialize::ToSql;
+use diesel::sql_types::{Bool, HasSqlType, Nullable, Text, Timestamp};
 use kernel::AnyConnection;
 
 use crate::domain::{OrderState, Payment, Shipment, Status};
@@ -199,18 +203,65 @@ pub fn save_state(
     payment_due_at: Option<NaiveDateTime>,
     now: NaiveDateTime,
 ) -> QueryResult<()> {
-    diesel::update(orders::table.find(id))
-        .set((
-            orders::status.eq(state.status.as_str()),
-            orders::reason.eq(state.reason),
-            orders::payment_state.eq(state.payment.as_str()),
-            orders::payment_due_at.eq(payment_due_at),
-            orders::shipment_state.eq(state.shipment.as_str()),
-            orders::cancel_requested.eq(state.cancel_requested),
-            orders::updated_at.eq(now),
-        ))
-        .execute(conn)?;
+    let save = SaveState {
+        id,
+        state,
+        payment_due_at,
+        now,
+    };
+    match conn {
+        AnyConnection::Postgresql(c) => save.execute(c)?,
+        AnyConnection::Sqlite(c) => save.execute(c)?,
+    };
     Ok(())
+}
+
+/// The UPDATE of every step an order takes (three an order on the way to its
+/// shipment), written out so that each connection prepares it once: diesel prepares
+/// an UPDATE anew on every run, and the server parses and plans it again.
+struct SaveState<'a> {
+    id: &'a str,
+    state: OrderState,
+    payment_due_at: Option<NaiveDateTime>,
+    now: NaiveDateTime,
+}
+
+impl QueryId for SaveState<'_> {
+    type QueryId = SaveState<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<C> RunQueryDsl<C> for SaveState<'_> {}
+
+impl<DB> QueryFragment<DB> for SaveState<'_>
+where
+    DB: Backend + HasSqlType<Text> + HasSqlType<Timestamp> + HasSqlType<Bool>,
+    str: ToSql<Text, DB>,
+    NaiveDateTime: ToSql<Timestamp, DB>,
+    bool: ToSql<Bool, DB>,
+    Option<&'static str>: ToSql<Nullable<Text>, DB>,
+    Option<NaiveDateTime>: ToSql<Nullable<Timestamp>, DB>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()> {
+        let state = &self.state;
+        out.push_sql("UPDATE orders SET status = ");
+        out.push_bind_param::<Text, _>(state.status.as_str())?;
+        out.push_sql(", reason = ");
+        out.push_bind_param::<Nullable<Text>, _>(&state.reason)?;
+        out.push_sql(", payment_state = ");
+        out.push_bind_param::<Text, _>(state.payment.as_str())?;
+        out.push_sql(", payment_due_at = ");
+        out.push_bind_param::<Nullable<Timestamp>, _>(&self.payment_due_at)?;
+        out.push_sql(", shipment_state = ");
+        out.push_bind_param::<Text, _>(state.shipment.as_str())?;
+        out.push_sql(", cancel_requested = ");
+        out.push_bind_param::<Bool, _>(&state.cancel_requested)?;
+        out.push_sql(", updated_at = ");
+        out.push_bind_param::<Timestamp, _>(&self.now)?;
+        out.push_sql(" WHERE id = ");
+        out.push_bind_param::<Text, _>(self.id)?;
+        Ok(())
+    }
 }
 
 /// Orders whose payment step is due, oldest due first.
