@@ -300,3 +300,43 @@ pub fn insert_refusal(
         .execute(conn)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use kernel::testing::{TestDatabase, migrated_pool, prepared_statements};
+
+    use super::*;
+    use crate::domain::Stock;
+
+    /// On PostgreSQL the statements of every reservation (whether the order is
+    /// decided, each product's stock) are prepared once per session and run again.
+    #[test]
+    fn reservation_statements_are_prepared_once() {
+        let Some(test_db) = TestDatabase::postgres() else {
+            eprintln!("skipped: {} is not set", kernel::testing::POSTGRES_ENV);
+            return;
+        };
+        let pool = migrated_pool(&test_db, crate::MODULE, crate::SPEC.migrations);
+        let mut conn = pool.get().unwrap();
+        let now = kernel::time::now();
+        for n in 0..2 {
+            assert!(!decided(&mut conn, &format!("order-{n}")).unwrap());
+            let stock = Stock {
+                on_hand: 10,
+                reserved: n,
+            };
+            set_stock(&mut conn, &format!("product-{n}"), stock, now).unwrap();
+        }
+        let AnyConnection::Postgresql(pg) = &mut *conn else {
+            unreachable!("a PostgreSQL pool")
+        };
+        let prepared = prepared_statements(pg);
+        for start in [
+            "SELECT EXISTS (SELECT 1 FROM reservations",
+            "UPDATE products SET on_hand",
+        ] {
+            let matching = prepared.iter().filter(|s| s.starts_with(start)).count();
+            assert_eq!(matching, 1, "{start}…: {prepared:?}");
+        }
+    }
+}

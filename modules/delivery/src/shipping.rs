@@ -149,7 +149,7 @@ pub fn cancel(
 mod tests {
     use contracts::Event;
     use diesel::prelude::*;
-    use kernel::db::{self, Location, PoolOptions};
+    use kernel::db;
     use kernel::on_both_backends;
     use kernel::testing::TestDatabase;
 
@@ -174,12 +174,7 @@ mod tests {
     }
 
     fn migrated(test_db: &TestDatabase) -> db::DbPool {
-        let location = Location::resolve(&test_db.url(), crate::MODULE).unwrap();
-        let options = PoolOptions::default();
-        let pool = db::pool(db::prepare(&location, &options).unwrap(), &options).unwrap();
-        let mut conn = pool.get().unwrap();
-        kernel::migrate::run_pending(&mut conn, crate::MODULE, crate::SPEC.migrations).unwrap();
-        pool
+        kernel::testing::migrated_pool(test_db, crate::MODULE, crate::SPEC.migrations)
     }
 
     /// The order's shipments, shipment events and published events.
@@ -284,6 +279,32 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         panic!("the second confirmation never waited for the first");
+    }
+
+    /// On PostgreSQL a shipment and its first event are one statement, which a
+    /// session prepares once and runs again for the next shipment.
+    #[test]
+    fn opening_shipments_runs_one_prepared_statement() {
+        let Some(test_db) = TestDatabase::postgres() else {
+            eprintln!("skipped: {} is not set", kernel::testing::POSTGRES_ENV);
+            return;
+        };
+        let pool = migrated(&test_db);
+        let mut conn = pool.get().unwrap();
+        for _ in 0..2 {
+            let row = shipment(Uuid::now_v7(), Uuid::now_v7());
+            assert!(store::insert(&mut conn, &row).unwrap());
+        }
+        let (ids, events, _) = opened(&mut conn);
+        assert_eq!((ids.len(), events), (2, 2));
+        let AnyConnection::Postgresql(pg) = &mut *conn else {
+            unreachable!("a PostgreSQL pool")
+        };
+        let opening: Vec<_> = kernel::testing::prepared_statements(pg)
+            .into_iter()
+            .filter(|s| s.starts_with("WITH opened AS"))
+            .collect();
+        assert_eq!(opening.len(), 1, "{opening:?}");
     }
 
     on_both_backends!(

@@ -51,6 +51,47 @@ impl TestDatabase {
     }
 }
 
+/// A pool on `module`'s database of `test_db`, opened as the application opens it
+/// and migrated with `migrations`.
+pub fn migrated_pool(
+    test_db: &TestDatabase,
+    module: &'static str,
+    migrations: crate::migrate::Migrations,
+) -> crate::db::DbPool {
+    use crate::db::{self, Location, PoolOptions};
+    let fail = |what: &str, e: &dyn std::fmt::Display| -> ! {
+        panic!("cannot {what} {module}'s test database: {e}")
+    };
+    let location = Location::resolve(&test_db.url(), module).unwrap_or_else(|e| fail("locate", &e));
+    let options = PoolOptions::default();
+    let pool = db::prepare(&location, &options)
+        .and_then(|connector| db::pool(connector, &options))
+        .unwrap_or_else(|e| fail("open", &e));
+    let mut conn = pool.get().unwrap_or_else(|e| fail("connect to", &e));
+    crate::migrate::run_pending(&mut conn, module, migrations)
+        .unwrap_or_else(|e| fail("migrate", &e));
+    drop(conn);
+    pool
+}
+
+/// On PostgreSQL, the statements `conn`'s session has prepared by name, which it
+/// keeps and runs again (`pg_prepared_statements`); diesel leaves a statement it
+/// will prepare anew on each run unnamed, and those are not listed.
+pub fn prepared_statements(conn: &mut PgConnection) -> Vec<String> {
+    use diesel::RunQueryDsl;
+    #[derive(diesel::QueryableByName)]
+    struct Prepared {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        statement: String,
+    }
+    diesel::sql_query("SELECT statement FROM pg_prepared_statements")
+        .load::<Prepared>(conn)
+        .unwrap_or_else(|e| panic!("cannot read pg_prepared_statements: {e}"))
+        .into_iter()
+        .map(|p| p.statement)
+        .collect()
+}
+
 /// `url` pointing at database `name` instead of the one it names.
 pub fn replace_database(url: &str, name: &str) -> String {
     let (base, query) = match url.split_once('?') {
