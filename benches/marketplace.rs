@@ -262,11 +262,12 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     println!(
         "(c) placement → confirmed at {pace:.0}/s: p50 {:.2} ms, p99 {:.2} ms {}, max {:.2} ms \
-         (the machine busy {busy:.2} of {cores} cores meanwhile)",
+         (the machine busy {busy:.2} of {cores} cores meanwhile: {:.1} ms of CPU an order)",
         p.p50,
         p.p99,
         verdict(p.p99 <= 50.0),
-        p.max
+        p.max,
+        busy / pace * 1_000.0
     );
     let [to_reserved, to_charged, to_confirmed]: [Vec<f64>; 3] = hops
         .try_into()
