@@ -2,7 +2,7 @@
 //! call goes through (timeout, circuit breaker), and the worker that takes the
 //! saga's payment steps outside any database transaction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use kernel::db::DbError;
 use kernel::resilience::CircuitBreaker;
 use kernel::{AnyConnection, Db};
 use serde::Deserialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use crate::domain::{OrderState, Payment};
@@ -116,6 +116,7 @@ impl RetryDelays {
 /// its own ledger (one charge per order, ever) as a real provider would.
 pub struct TestGateway {
     db: Db,
+    ledger: Arc<Ledger>,
     latency: Duration,
     failure_rate: f64,
 }
@@ -123,6 +124,10 @@ pub struct TestGateway {
 impl TestGateway {
     pub fn new(db: Db, settings: &PaymentSettings) -> Self {
         Self {
+            ledger: Arc::new(Ledger {
+                db: db.clone(),
+                queue: std::sync::Mutex::default(),
+            }),
             db,
             latency: Duration::from_millis(settings.latency_ms),
             failure_rate: settings.failure_rate.clamp(0.0, 1.0),
@@ -154,10 +159,7 @@ impl PaymentGateway for TestGateway {
     fn charge(&self, request: ChargeRequest) -> BoxFuture<'_, Result<ChargeOutcome, GatewayError>> {
         Box::pin(async move {
             self.simulate().await?;
-            self.db
-                .write_one(move |conn| charge_once(conn, &request))
-                .await
-                .map_err(ledger_error)
+            self.ledger.charge(request).await
         })
     }
 
@@ -179,6 +181,177 @@ impl PaymentGateway for TestGateway {
     }
 }
 
+/// Charges written to the test gateway's ledger at most, in one statement.
+const LEDGER_BATCH: usize = 128;
+
+type LedgerAnswer = oneshot::Sender<Result<ChargeOutcome, GatewayError>>;
+
+/// The test gateway's ledger, written as a provider batching its own writes would
+/// write it: a charge that arrives while others are being written waits for them,
+/// and is then written together with whatever else arrived meanwhile, in one
+/// statement (one round trip and one commit for all). Alone, a charge is one
+/// statement, as before.
+struct Ledger {
+    db: Db,
+    queue: std::sync::Mutex<LedgerQueue>,
+}
+
+#[derive(Default)]
+struct LedgerQueue {
+    waiting: Vec<(ChargeRequest, LedgerAnswer)>,
+    /// Whether a writer task is running; it takes what waits until nothing does.
+    writing: bool,
+}
+
+impl Ledger {
+    fn queue(&self) -> std::sync::MutexGuard<'_, LedgerQueue> {
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn charge(
+        self: &Arc<Self>,
+        request: ChargeRequest,
+    ) -> Result<ChargeOutcome, GatewayError> {
+        let (answer, answered) = oneshot::channel();
+        let lead = {
+            let mut queue = self.queue();
+            queue.waiting.push((request, answer));
+            !std::mem::replace(&mut queue.writing, true)
+        };
+        if lead {
+            // A task of its own: a caller that stops waiting (its call timed out)
+            // leaves the others' writes going.
+            tokio::spawn(self.clone().write_waiting());
+        }
+        answered.await.unwrap_or_else(|_| {
+            Err(GatewayError::Unavailable(
+                "the ledger writer stopped".into(),
+            ))
+        })
+    }
+
+    async fn write_waiting(self: Arc<Self>) {
+        // Should this task end early (a panic), the next charge starts another,
+        // which takes what still waits.
+        let _writer = WriterGuard(&self);
+        loop {
+            let batch: Vec<_> = {
+                let mut queue = self.queue();
+                if queue.waiting.is_empty() {
+                    return;
+                }
+                let n = queue.waiting.len().min(LEDGER_BATCH);
+                queue.waiting.drain(..n).collect()
+            };
+            let (requests, answers): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            match self
+                .db
+                .write_one(move |conn| charge_all(conn, &requests))
+                .await
+            {
+                Ok(outcomes) => {
+                    for (answer, outcome) in answers.into_iter().zip(outcomes) {
+                        let _ = answer.send(Ok(outcome));
+                    }
+                }
+                Err(e) => {
+                    let error = ledger_error(e);
+                    for answer in answers {
+                        let _ = answer.send(Err(error.clone()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Marks the ledger's writer stopped however its task ends.
+struct WriterGuard<'a>(&'a Ledger);
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.queue().writing = false;
+    }
+}
+
+/// The outcomes of `requests`, in their order: each order's ledger entry created
+/// on its first charge only. On PostgreSQL one statement inserts the new entries and
+/// says which they were; an order charged before (a retried step) has its recorded
+/// outcome read. SQLite, whose writers take turns in this process anyway, takes them
+/// one at a time.
+fn charge_all(
+    conn: &mut AnyConnection,
+    requests: &[ChargeRequest],
+) -> Result<Vec<ChargeOutcome>, DbError> {
+    use crate::schema::test_gateway_charges as c;
+    use diesel::prelude::*;
+    let AnyConnection::Postgresql(pg) = conn else {
+        return requests.iter().map(|r| charge_once(conn, r)).collect();
+    };
+    let now = kernel::time::now();
+    let ids: Vec<String> = requests.iter().map(|r| r.order_id.to_string()).collect();
+    let entries: Vec<_> = requests
+        .iter()
+        .zip(&ids)
+        .map(|(request, id)| {
+            (
+                c::order_id.eq(id),
+                c::amount_minor.eq(request.amount.amount_minor),
+                c::currency.eq(&request.amount.currency),
+                c::outcome.eq(outcome_of_token(&request.token)),
+                c::refunded.eq(false),
+                c::created_at.eq(now),
+            )
+        })
+        .collect();
+    let created: HashSet<String> = diesel::insert_into(c::table)
+        .values(entries)
+        .on_conflict_do_nothing()
+        .returning(c::order_id)
+        .get_results::<String>(pg)?
+        .into_iter()
+        .collect();
+    let earlier: Vec<&String> = ids.iter().filter(|id| !created.contains(*id)).collect();
+    let recorded: HashMap<String, String> = if earlier.is_empty() {
+        HashMap::new()
+    } else {
+        c::table
+            .filter(c::order_id.eq_any(earlier))
+            .select((c::order_id, c::outcome))
+            .load::<(String, String)>(pg)?
+            .into_iter()
+            .collect()
+    };
+    Ok(requests
+        .iter()
+        .zip(&ids)
+        .map(|(request, id)| {
+            let outcome = recorded
+                .get(id)
+                .map_or_else(|| outcome_of_token(&request.token), String::as_str);
+            charge_outcome(outcome)
+        })
+        .collect())
+}
+
+fn outcome_of_token(token: &str) -> &'static str {
+    if token == "tok_ok" {
+        "succeeded"
+    } else {
+        "declined"
+    }
+}
+
+fn charge_outcome(recorded: &str) -> ChargeOutcome {
+    if recorded == "succeeded" {
+        ChargeOutcome::Succeeded
+    } else {
+        ChargeOutcome::Declined("the card was declined".into())
+    }
+}
+
 /// The ledger entry of the order's charge, created on the first call only: the
 /// insert is the check (one statement, no transaction), and a call that finds the
 /// entry there already reads the outcome it recorded.
@@ -189,11 +362,7 @@ fn charge_once(
     use crate::schema::test_gateway_charges as c;
     use diesel::prelude::*;
     let id = request.order_id.to_string();
-    let outcome = if request.token == "tok_ok" {
-        "succeeded"
-    } else {
-        "declined"
-    };
+    let outcome = outcome_of_token(&request.token);
     let entry = (
         c::order_id.eq(&id),
         c::amount_minor.eq(request.amount.amount_minor),
@@ -207,16 +376,11 @@ fn charge_once(
         AnyConnection::Sqlite(conn) => insert.on_conflict_do_nothing().execute(conn)?,
         AnyConnection::Postgresql(conn) => insert.on_conflict_do_nothing().execute(conn)?,
     };
-    let outcome = if inserted > 0 {
-        outcome.to_string()
-    } else {
-        c::table.find(&id).select(c::outcome).get_result(conn)?
-    };
-    Ok(if outcome == "succeeded" {
-        ChargeOutcome::Succeeded
-    } else {
-        ChargeOutcome::Declined("the card was declined".into())
-    })
+    if inserted > 0 {
+        return Ok(charge_outcome(outcome));
+    }
+    let recorded: String = c::table.find(&id).select(c::outcome).get_result(conn)?;
+    Ok(charge_outcome(&recorded))
 }
 
 /// Every gateway call goes through here: bounded in time, and failed fast while
@@ -638,7 +802,98 @@ fn publish_outcome(
 
 #[cfg(test)]
 mod tests {
+    use kernel::db::Backend;
+    use kernel::on_both_backends;
+    use kernel::testing::{TestDatabase, migrated_pool};
+
     use super::*;
+
+    fn request(order_id: Uuid, token: &str) -> ChargeRequest {
+        ChargeRequest {
+            order_id,
+            amount: Money::new(1_250, "EUR"),
+            token: token.into(),
+        }
+    }
+
+    /// Given many charges at once, some of them for the same order with the other
+    /// token (a step retried), when the test gateway takes them, then each order has
+    /// one ledger entry and every charge of an order gets the outcome of its first.
+    async fn concurrent_charges_are_recorded_once_per_order(test_db: TestDatabase) {
+        let backend = if test_db.is_postgres() {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        };
+        let pool = migrated_pool(&test_db, crate::MODULE, crate::SPEC.migrations);
+        let db = Db::new(crate::MODULE, backend, pool);
+        let gateway = Arc::new(TestGateway::new(db.clone(), &PaymentSettings::default()));
+        let orders: Vec<Uuid> = (0..40).map(|_| Uuid::now_v7()).collect();
+        let token = |n: usize| {
+            if n.is_multiple_of(4) {
+                "tok_decline"
+            } else {
+                "tok_ok"
+            }
+        };
+        // Recorded first, so the retries below find them.
+        for (n, order) in orders.iter().enumerate().take(5) {
+            gateway.charge(request(*order, token(n))).await.unwrap();
+        }
+        let mut calls = tokio::task::JoinSet::new();
+        for (n, order) in orders.iter().enumerate() {
+            let (order, first) = (*order, token(n));
+            let charging = gateway.clone();
+            calls.spawn(async move { (n, charging.charge(request(order, first)).await) });
+            if n < 10 {
+                // The same order again with the other token: the first outcome stands.
+                let gateway = gateway.clone();
+                let other = if first == "tok_ok" {
+                    "tok_decline"
+                } else {
+                    "tok_ok"
+                };
+                calls.spawn(async move { (n, gateway.charge(request(order, other)).await) });
+            }
+        }
+        let mut answered = 0;
+        while let Some(call) = calls.join_next().await {
+            let (n, outcome) = call.unwrap();
+            let outcome = outcome.unwrap();
+            answered += 1;
+            if !(5..10).contains(&n) {
+                assert_eq!(
+                    outcome == ChargeOutcome::Succeeded,
+                    token(n) == "tok_ok",
+                    "order {n}"
+                );
+            }
+        }
+        assert_eq!(answered, 50);
+        let entries: Vec<(String, String)> = db
+            .read(|conn| {
+                use crate::schema::test_gateway_charges as c;
+                use diesel::prelude::*;
+                c::table
+                    .select((c::order_id, c::outcome))
+                    .load(conn)
+                    .map_err(DbError::from)
+            })
+            .await
+            .unwrap();
+        assert_eq!(entries.len(), 40, "one entry per order");
+        let recorded: HashMap<String, String> = entries.into_iter().collect();
+        for (n, order) in orders.iter().take(5).enumerate() {
+            let expected = if token(n) == "tok_ok" {
+                "succeeded"
+            } else {
+                "declined"
+            };
+            assert_eq!(recorded[&order.to_string()], expected, "order {n}");
+        }
+    }
+
+    on_both_backends!(concurrent_charges_are_recorded_once_per_order);
 
     #[test]
     fn given_failures_when_retried_then_the_wait_doubles_up_to_the_cap() {
