@@ -394,7 +394,7 @@ pub fn is_unique_violation(e: &diesel::result::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use kernel::testing::{TestDatabase, migrated_pool, prepared_statements};
+    use kernel::testing::{postgres_pool, prepared_statements};
 
     use super::*;
 
@@ -402,23 +402,15 @@ mod tests {
     /// prepares once and runs again for the next order.
     #[test]
     fn order_states_are_written_by_one_prepared_statement() {
-        let Some(test_db) = TestDatabase::postgres() else {
-            eprintln!("skipped: {} is not set", kernel::testing::POSTGRES_ENV);
+        let Some((_db, pool)) = postgres_pool(crate::MODULE, crate::SPEC.migrations) else {
             return;
         };
-        let pool = migrated_pool(&test_db, crate::MODULE, crate::SPEC.migrations);
         let mut conn = pool.get().unwrap();
         let now = kernel::time::now();
         for id in ["order-1", "order-2"] {
             save_state(&mut conn, id, OrderState::placed(), Some(now), now).unwrap();
         }
-        let AnyConnection::Postgresql(pg) = &mut *conn else {
-            unreachable!("a PostgreSQL pool")
-        };
-        let saving: Vec<_> = prepared_statements(pg)
-            .into_iter()
-            .filter(|s| s.starts_with("UPDATE orders SET status"))
-            .collect();
+        let saving = prepared_statements(&mut conn, "UPDATE orders SET status");
         assert_eq!(saving.len(), 1, "{saving:?}");
     }
 }

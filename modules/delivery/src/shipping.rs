@@ -285,11 +285,11 @@ mod tests {
     /// session prepares once and runs again for the next shipment.
     #[test]
     fn opening_shipments_runs_one_prepared_statement() {
-        let Some(test_db) = TestDatabase::postgres() else {
-            eprintln!("skipped: {} is not set", kernel::testing::POSTGRES_ENV);
+        let Some((_db, pool)) =
+            kernel::testing::postgres_pool(crate::MODULE, crate::SPEC.migrations)
+        else {
             return;
         };
-        let pool = migrated(&test_db);
         let mut conn = pool.get().unwrap();
         for _ in 0..2 {
             let row = shipment(Uuid::now_v7(), Uuid::now_v7());
@@ -297,13 +297,7 @@ mod tests {
         }
         let (ids, events, _) = opened(&mut conn);
         assert_eq!((ids.len(), events), (2, 2));
-        let AnyConnection::Postgresql(pg) = &mut *conn else {
-            unreachable!("a PostgreSQL pool")
-        };
-        let opening: Vec<_> = kernel::testing::prepared_statements(pg)
-            .into_iter()
-            .filter(|s| s.starts_with("WITH opened AS"))
-            .collect();
+        let opening = kernel::testing::prepared_statements(&mut conn, "WITH opened AS");
         assert_eq!(opening.len(), 1, "{opening:?}");
     }
 

@@ -74,21 +74,41 @@ pub fn migrated_pool(
     pool
 }
 
-/// On PostgreSQL, the statements `conn`'s session has prepared by name, which it
-/// keeps and runs again (`pg_prepared_statements`); diesel leaves a statement it
-/// will prepare anew on each run unnamed, and those are not listed.
-pub fn prepared_statements(conn: &mut PgConnection) -> Vec<String> {
+/// A fresh PostgreSQL database with `module`'s tables and a pool on it, or `None`
+/// (saying so) when `COLONY_TEST_DATABASE_URL` is unset; keep the database as long
+/// as the pool.
+pub fn postgres_pool(
+    module: &'static str,
+    migrations: crate::migrate::Migrations,
+) -> Option<(TestDatabase, crate::db::DbPool)> {
+    let Some(test_db) = TestDatabase::postgres() else {
+        eprintln!("skipped: {POSTGRES_ENV} is not set");
+        return None;
+    };
+    let pool = migrated_pool(&test_db, module, migrations);
+    Some((test_db, pool))
+}
+
+/// The statements `conn`'s PostgreSQL session has prepared by name, which it keeps
+/// and runs again (`pg_prepared_statements`), that start with `start`; diesel
+/// leaves a statement it will prepare anew on each run unnamed, and those are not
+/// listed.
+pub fn prepared_statements(conn: &mut crate::AnyConnection, start: &str) -> Vec<String> {
     use diesel::RunQueryDsl;
     #[derive(diesel::QueryableByName)]
     struct Prepared {
         #[diesel(sql_type = diesel::sql_types::Text)]
         statement: String,
     }
+    let crate::AnyConnection::Postgresql(conn) = conn else {
+        panic!("prepared statements are read on PostgreSQL only")
+    };
     diesel::sql_query("SELECT statement FROM pg_prepared_statements")
         .load::<Prepared>(conn)
         .unwrap_or_else(|e| panic!("cannot read pg_prepared_statements: {e}"))
         .into_iter()
         .map(|p| p.statement)
+        .filter(|statement| statement.starts_with(start))
         .collect()
 }
 
