@@ -1834,6 +1834,22 @@ async fn a_consumer_off_the_saga_lingers_and_handles_a_burst_in_one_pass(test_db
         times.into_iter().collect::<HashSet<_>>().len()
     };
     assert_eq!(passes("beta"), 1, "the burst took more than one pass");
+    // The prompt one took the first event at once, a linger before the other.
+    let first_handled = |consumer: &'static str| -> NaiveDateTime {
+        use kernel::schema::colony_inbox as i;
+        let mut conn = s.consumer.pool().get().unwrap();
+        i::table
+            .filter(i::consumer.eq(consumer))
+            .select(diesel::dsl::min(i::handled_at))
+            .first::<Option<NaiveDateTime>>(&mut conn)
+            .unwrap()
+            .unwrap()
+    };
+    let ahead = first_handled("beta") - first_handled("gamma");
+    assert!(
+        ahead >= chrono::Duration::from_std(linger / 2).unwrap(),
+        "the prompt consumer was only {ahead} ahead"
+    );
     for (stop, running) in engines {
         stop.send(true).unwrap();
         running.await.unwrap();

@@ -629,6 +629,7 @@ impl ConsumerEngine {
                 if woken && engine.lingers() {
                     tokio::select! {
                         () = tokio::time::sleep(engine.policy.linger) => {}
+                        _ = nudges.changed() => {}
                         _ = shutdown.changed() => {}
                     }
                 }
