@@ -299,8 +299,11 @@ fn charge_all(
 ) -> Result<Vec<ChargeOutcome>, DbError> {
     use crate::schema::test_gateway_charges as c;
     use diesel::prelude::*;
-    let AnyConnection::Postgresql(pg) = conn else {
-        return requests.iter().map(|r| charge_once(conn, r)).collect();
+    let pg = match conn {
+        AnyConnection::Sqlite(lite) => {
+            return requests.iter().map(|r| charge_once(lite, r)).collect();
+        }
+        AnyConnection::Postgresql(pg) => pg,
     };
     let now = kernel::time::now();
     let ids: Vec<String> = requests.iter().map(|r| r.order_id.to_string()).collect();
@@ -373,11 +376,11 @@ fn charge_outcome(recorded: &str) -> ChargeOutcome {
     }
 }
 
-/// The ledger entry of the order's charge, created on the first call only: the
+/// SQLite: the ledger entry of the order's charge, created on the first call only: the
 /// insert is the check (one statement, no transaction), and a call that finds the
 /// entry there already reads the outcome it recorded.
 fn charge_once(
-    conn: &mut AnyConnection,
+    conn: &mut diesel::SqliteConnection,
     request: &ChargeRequest,
 ) -> Result<ChargeOutcome, DbError> {
     use crate::schema::test_gateway_charges as c;
@@ -392,11 +395,10 @@ fn charge_once(
         c::refunded.eq(false),
         c::created_at.eq(kernel::time::now()),
     );
-    let insert = diesel::insert_into(c::table).values(entry);
-    let inserted = match conn {
-        AnyConnection::Sqlite(conn) => insert.on_conflict_do_nothing().execute(conn)?,
-        AnyConnection::Postgresql(conn) => insert.on_conflict_do_nothing().execute(conn)?,
-    };
+    let inserted = diesel::insert_into(c::table)
+        .values(entry)
+        .on_conflict_do_nothing()
+        .execute(conn)?;
     if inserted > 0 {
         return Ok(charge_outcome(outcome));
     }

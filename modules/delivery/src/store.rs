@@ -30,13 +30,13 @@ pub struct ShipmentRow {
 /// returns false, writing nothing, when the order has one already. On PostgreSQL
 /// both rows go in one statement.
 pub fn insert(conn: &mut AnyConnection, row: &ShipmentRow) -> QueryResult<bool> {
-    let insert = diesel::insert_into(shipments::table)
-        .values(row)
-        .on_conflict(shipments::order_id)
-        .do_nothing();
     let inserted = match conn {
         AnyConnection::Postgresql(c) => return Ok(OpenPg(row).execute(c)? > 0),
-        AnyConnection::Sqlite(c) => insert.execute(c)?,
+        AnyConnection::Sqlite(c) => diesel::insert_into(shipments::table)
+            .values(row)
+            .on_conflict(shipments::order_id)
+            .do_nothing()
+            .execute(c)?,
     };
     if inserted == 0 {
         return Ok(false);
