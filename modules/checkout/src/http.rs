@@ -445,11 +445,8 @@ pub async fn place_order(
         created_at: now,
     };
     let created = db
-        .write(move |conn| {
-            // The key row first: of concurrent duplicates, exactly one gets past it.
-            store::insert_key(conn, &key_row)?;
-            store::insert_order(conn, &order, &lines)?;
-            publisher.publish(conn, &order.id, &placed)?;
+        .write_single(move |conn| {
+            store::place(conn, &key_row, &order, &lines, &publisher, &placed)?;
             Ok::<_, CheckoutError>(view(order, lines))
         })
         .await;

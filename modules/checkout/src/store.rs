@@ -4,12 +4,15 @@
 use std::collections::HashMap;
 
 use chrono::NaiveDateTime;
+use contracts::checkout::OrderPlaced;
 use diesel::backend::Backend;
+use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::serialize::ToSql;
-use diesel::sql_types::{Bool, HasSqlType, Nullable, Text, Timestamp};
+use diesel::sql_types::{Array, BigInt, Bool, HasSqlType, Integer, Nullable, Text, Timestamp};
 use kernel::AnyConnection;
+use kernel::outbox::Publisher;
 
 use crate::domain::{OrderState, Payment, Shipment, Status};
 use crate::schema::{idempotency_keys, order_lines, orders};
@@ -102,20 +105,154 @@ pub struct LineRow {
     pub currency: String,
 }
 
-pub fn insert_order(
+/// Writes a new order: its idempotency key first (of concurrent duplicates exactly
+/// one gets past it, the others fail with a unique violation), the order, its lines
+/// and `placed`, its event. On PostgreSQL all of it is one statement, which outside
+/// a transaction (`Db::write_single`) commits by itself.
+pub fn place(
     conn: &mut AnyConnection,
+    key: &IdempotencyRow,
     order: &OrderRow,
     lines: &[LineRow],
+    publisher: &Publisher,
+    placed: &OrderPlaced,
 ) -> QueryResult<()> {
-    diesel::insert_into(orders::table)
-        .values(order)
-        .execute(conn)?;
-    for line in lines {
-        diesel::insert_into(order_lines::table)
-            .values(line)
-            .execute(conn)?;
+    match conn {
+        AnyConnection::Postgresql(c) => {
+            let writes = PlacementPg::new(key, order, lines);
+            publisher.publish_with(c, writes, &order.id, placed)?;
+        }
+        AnyConnection::Sqlite(c) => {
+            diesel::insert_into(idempotency_keys::table)
+                .values(key)
+                .execute(c)?;
+            diesel::insert_into(orders::table)
+                .values(order)
+                .execute(c)?;
+            diesel::insert_into(order_lines::table)
+                .values(lines)
+                .execute(c)?;
+            publisher.publish(conn, &order.id, placed)?;
+        }
     }
     Ok(())
+}
+
+/// A placement's rows on PostgreSQL, written by the statement that also publishes
+/// its event (`Publisher::publish_with`): the key, the order, and its lines from
+/// arrays (one text for any number of lines, so that the statement is prepared
+/// once per connection).
+struct PlacementPg<'a> {
+    key: &'a IdempotencyRow,
+    order: &'a OrderRow,
+    product_ids: Vec<&'a str>,
+    names: Vec<&'a str>,
+    quantities: Vec<i64>,
+    unit_prices: Vec<i64>,
+    currencies: Vec<&'a str>,
+}
+
+impl<'a> PlacementPg<'a> {
+    fn new(key: &'a IdempotencyRow, order: &'a OrderRow, lines: &'a [LineRow]) -> Self {
+        Self {
+            key,
+            order,
+            product_ids: lines.iter().map(|l| l.product_id.as_str()).collect(),
+            names: lines.iter().map(|l| l.name.as_str()).collect(),
+            quantities: lines.iter().map(|l| l.quantity).collect(),
+            unit_prices: lines.iter().map(|l| l.unit_price_minor).collect(),
+            currencies: lines.iter().map(|l| l.currency.as_str()).collect(),
+        }
+    }
+}
+
+impl QueryId for PlacementPg<'_> {
+    type QueryId = PlacementPg<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryFragment<Pg> for PlacementPg<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let (key, order) = (self.key, self.order);
+        out.push_sql(
+            "placed_key AS (INSERT INTO idempotency_keys \
+             (customer_id, idempotency_key, fingerprint, order_id, created_at) VALUES (",
+        );
+        out.push_bind_param::<Text, _>(&key.customer_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&key.idempotency_key)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&key.fingerprint)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&key.order_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamp, _>(&key.created_at)?;
+        out.push_sql(
+            ")), placed_order AS (INSERT INTO orders (id, customer_id, status, reason, \
+             total_minor, currency, shipping_name, shipping_line1, shipping_city, \
+             shipping_postal_code, shipping_country, payment_token, payment_state, \
+             payment_attempts, payment_due_at, payment_error, shipment_state, \
+             cancel_requested, correlation_id, traceparent, created_at, updated_at) VALUES (",
+        );
+        out.push_bind_param::<Text, _>(&order.id)?;
+        for text in [&order.customer_id, &order.status] {
+            out.push_sql(", ");
+            out.push_bind_param::<Text, _>(text)?;
+        }
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&order.reason)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&order.total_minor)?;
+        for text in [
+            &order.currency,
+            &order.shipping_name,
+            &order.shipping_line1,
+            &order.shipping_city,
+            &order.shipping_postal_code,
+            &order.shipping_country,
+            &order.payment_token,
+            &order.payment_state,
+        ] {
+            out.push_sql(", ");
+            out.push_bind_param::<Text, _>(text)?;
+        }
+        out.push_sql(", ");
+        out.push_bind_param::<Integer, _>(&order.payment_attempts)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Timestamp>, _>(&order.payment_due_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&order.payment_error)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&order.shipment_state)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Bool, _>(&order.cancel_requested)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&order.correlation_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&order.traceparent)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamp, _>(&order.created_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamp, _>(&order.updated_at)?;
+        out.push_sql(
+            ")), placed_lines AS (INSERT INTO order_lines \
+             (order_id, product_id, name, quantity, unit_price_minor, currency) \
+             SELECT ",
+        );
+        out.push_bind_param::<Text, _>(&order.id)?;
+        out.push_sql(", line.* FROM unnest(");
+        out.push_bind_param::<Array<Text>, _>(&self.product_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.names)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.quantities)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.unit_prices)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.currencies)?;
+        out.push_sql(") AS line)");
+        Ok(())
+    }
 }
 
 pub fn find(conn: &mut AnyConnection, id: &str) -> QueryResult<Option<OrderRow>> {
@@ -353,13 +490,6 @@ pub fn find_key(
         .optional()
 }
 
-pub fn insert_key(conn: &mut AnyConnection, row: &IdempotencyRow) -> QueryResult<()> {
-    diesel::insert_into(idempotency_keys::table)
-        .values(row)
-        .execute(conn)?;
-    Ok(())
-}
-
 /// One chunk of expired idempotency keys: up to `max` of those stored before
 /// `before`, oldest first, from `from` on. Returns how many went and where the next
 /// chunk starts. A key that went no longer replays: the same key places a new
@@ -394,9 +524,151 @@ pub fn is_unique_violation(e: &diesel::result::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use kernel::testing::{postgres_pool, prepared_statements};
+    use contracts::Money;
+    use contracts::checkout::{Address, OrderLine};
+    use kernel::testing::{TestDatabase, migrated_pool, postgres_pool, prepared_statements};
 
     use super::*;
+
+    fn placement(key: &str, lines: usize) -> (IdempotencyRow, OrderRow, Vec<LineRow>) {
+        let now = kernel::time::now();
+        let id = uuid::Uuid::now_v7().to_string();
+        let lines: Vec<LineRow> = (0..lines)
+            .map(|i| LineRow {
+                order_id: id.clone(),
+                product_id: format!("product-{i}"),
+                name: format!("Product {i}"),
+                quantity: i as i64 + 1,
+                unit_price_minor: 250,
+                currency: "EUR".into(),
+            })
+            .collect();
+        let order = OrderRow {
+            id: id.clone(),
+            customer_id: "customer-1".into(),
+            status: "pending".into(),
+            reason: None,
+            total_minor: lines.iter().map(|l| l.quantity * 250).sum(),
+            currency: "EUR".into(),
+            shipping_name: "Ada".into(),
+            shipping_line1: "1 Main St".into(),
+            shipping_city: "Lyon".into(),
+            shipping_postal_code: "69001".into(),
+            shipping_country: "FR".into(),
+            payment_token: "tok_ok".into(),
+            payment_state: "awaiting_stock".into(),
+            payment_attempts: 0,
+            payment_due_at: None,
+            payment_error: None,
+            shipment_state: "none".into(),
+            cancel_requested: false,
+            correlation_id: uuid::Uuid::now_v7().to_string(),
+            traceparent: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let key = IdempotencyRow {
+            customer_id: order.customer_id.clone(),
+            idempotency_key: key.into(),
+            fingerprint: "fingerprint".into(),
+            order_id: id,
+            created_at: now,
+        };
+        (key, order, lines)
+    }
+
+    /// Places an order as the placement handler does, outside any transaction.
+    fn place_outside_a_transaction(
+        conn: &mut AnyConnection,
+        (key, order, lines): &(IdempotencyRow, OrderRow, Vec<LineRow>),
+    ) -> QueryResult<()> {
+        let event = OrderPlaced {
+            order_id: uuid::Uuid::parse_str(&order.id).unwrap(),
+            customer_id: order.customer_id.clone(),
+            lines: lines
+                .iter()
+                .map(|l| OrderLine {
+                    product_id: uuid::Uuid::now_v7(),
+                    name: l.name.clone(),
+                    quantity: l.quantity,
+                    unit_price: Money::new(l.unit_price_minor, "EUR"),
+                })
+                .collect(),
+            total: Money::new(order.total_minor, "EUR"),
+            shipping_address: Address {
+                name: "Ada".into(),
+                line1: "1 Main St".into(),
+                city: "Lyon".into(),
+                postal_code: "69001".into(),
+                country: "FR".into(),
+            },
+        };
+        let publisher = Publisher::new(crate::MODULE, uuid::Uuid::now_v7(), None);
+        match conn {
+            // As `Db::write_single` runs it: one statement, committing by itself.
+            AnyConnection::Postgresql(_) => place(conn, key, order, lines, &publisher, &event),
+            AnyConnection::Sqlite(_) => kernel::db::write_tx(conn, |conn| {
+                place(conn, key, order, lines, &publisher, &event)
+            }),
+        }
+    }
+
+    fn counts(conn: &mut AnyConnection) -> (i64, i64, i64, i64) {
+        (
+            orders::table.count().get_result(conn).unwrap(),
+            order_lines::table.count().get_result(conn).unwrap(),
+            idempotency_keys::table.count().get_result(conn).unwrap(),
+            kernel::schema::colony_outbox::table
+                .count()
+                .get_result(conn)
+                .unwrap(),
+        )
+    }
+
+    /// A placement writes its key, its order, every line and its event, or, when
+    /// its key was taken already, nothing at all.
+    fn placement_is_written_whole_or_not_at_all(conn: &mut AnyConnection) {
+        let one = placement("key-1", 1);
+        let three = placement("key-3", 3);
+        place_outside_a_transaction(conn, &one).unwrap();
+        place_outside_a_transaction(conn, &three).unwrap();
+        assert_eq!(counts(conn), (2, 4, 2, 2));
+        let lines = lines(conn, &three.1.id).unwrap();
+        let quantities: Vec<i64> = lines.iter().map(|l| l.quantity).collect();
+        assert_eq!(quantities, [1, 2, 3]);
+        assert_eq!(lines[2].name, "Product 2");
+        assert_eq!(find(conn, &three.1.id).unwrap().unwrap().total_minor, 1_500);
+
+        let mut again = placement("key-1", 2);
+        again.0.fingerprint = "another body".into();
+        let refused = place_outside_a_transaction(conn, &again).unwrap_err();
+        assert!(is_unique_violation(&refused), "{refused:?}");
+        assert_eq!(
+            counts(conn),
+            (2, 4, 2, 2),
+            "nothing of the refused placement"
+        );
+        assert!(find(conn, &again.1.id).unwrap().is_none());
+    }
+
+    #[test]
+    fn placement_is_written_whole_or_not_at_all_on_sqlite() {
+        let db = TestDatabase::sqlite();
+        let pool = migrated_pool(&db, crate::MODULE, crate::SPEC.migrations);
+        placement_is_written_whole_or_not_at_all(&mut pool.get().unwrap());
+    }
+
+    /// On PostgreSQL it is one statement, which a session prepares once.
+    #[test]
+    fn placement_is_one_prepared_statement_on_postgres() {
+        let Some((_db, pool)) = postgres_pool(crate::MODULE, crate::SPEC.migrations) else {
+            return;
+        };
+        let mut conn = pool.get().unwrap();
+        placement_is_written_whole_or_not_at_all(&mut conn);
+        let placing = prepared_statements(&mut conn, "WITH placed_key AS");
+        assert_eq!(placing.len(), 1, "{placing:?}");
+    }
 
     /// On PostgreSQL an order's state is written by one statement that a session
     /// prepares once and runs again for the next order.

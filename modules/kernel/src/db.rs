@@ -577,6 +577,33 @@ impl Db {
         Ok(value)
     }
 
+    /// As `write`, except that on PostgreSQL `f` runs outside an explicit
+    /// transaction, saving the round trips of `BEGIN` and `COMMIT`: for a change
+    /// that `f` writes there, its events included (`Publisher::publish_with`), with
+    /// one statement, which commits or fails as a whole by itself. Every statement
+    /// `f` runs on PostgreSQL commits on its own, so more than one would not be
+    /// atomic. On SQLite, where statements cost no round trips, `f` runs in a write
+    /// transaction as with `write`.
+    pub async fn write_single<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<DbError> + From<diesel::result::Error> + Send + 'static,
+        F: FnOnce(&mut AnyConnection) -> Result<T, E> + Send + 'static,
+    {
+        let (value, published) = self
+            .on_write_turn(move |conn| {
+                crate::outbox::take_published();
+                let value = match conn {
+                    AnyConnection::Postgresql(_) => f(conn)?,
+                    AnyConnection::Sqlite(_) => write_tx(conn, f)?,
+                };
+                Ok::<_, E>((value, crate::outbox::take_published()))
+            })
+            .await?;
+        self.announce(published);
+        Ok(value)
+    }
+
     /// Runs `f` on a pooled connection outside any explicit transaction, off the
     /// async runtime: for a write that is one statement (which commits by itself),
     /// saving the round trips of `BEGIN` and `COMMIT`. Takes this process's write

@@ -155,28 +155,15 @@ impl Publisher {
         aggregate_id: &str,
         event: &E,
     ) -> QueryResult<Envelope> {
-        debug_assert_eq!(
-            E::source(),
-            self.source,
-            "a module publishes only its own events"
-        );
-        let payload = serde_json::to_value(event)
-            .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
-        let mut envelope = Envelope {
-            event_id: Uuid::now_v7(),
-            name: E::NAME.to_string(),
-            source: self.source.to_string(),
-            aggregate_id: aggregate_id.to_string(),
-            sequence: 0,
-            occurred_at: crate::time::now().and_utc(),
-            correlation_id: self.correlation_id,
-            causation_id: self.causation_id,
-            traceparent: self.trace.map(|t| t.to_string()),
-            payload,
-        };
+        let mut envelope = self.envelope(aggregate_id, event)?;
         match conn {
             AnyConnection::Postgresql(c) => {
-                envelope.sequence = AppendPg(&OutboxRow::from_envelope(&envelope)).get_result(c)?;
+                let row = OutboxRow::from_envelope(&envelope);
+                envelope.sequence = AppendPg::<NoWrites> {
+                    writes: None,
+                    row: &row,
+                }
+                .get_result(c)?;
             }
             AnyConnection::Sqlite(_) => {
                 envelope.sequence = next_sequence(conn)?;
@@ -188,33 +175,101 @@ impl Publisher {
         note_published(E::NAME, &envelope);
         Ok(envelope)
     }
+
+    /// The envelope of `event`, numbered once it is appended.
+    fn envelope<E: Event>(&self, aggregate_id: &str, event: &E) -> QueryResult<Envelope> {
+        debug_assert_eq!(
+            E::source(),
+            self.source,
+            "a module publishes only its own events"
+        );
+        let payload = serde_json::to_value(event)
+            .map_err(|e| diesel::result::Error::SerializationError(Box::new(e)))?;
+        Ok(Envelope {
+            event_id: Uuid::now_v7(),
+            name: E::NAME.to_string(),
+            source: self.source.to_string(),
+            aggregate_id: aggregate_id.to_string(),
+            sequence: 0,
+            occurred_at: crate::time::now().and_utc(),
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            traceparent: self.trace.map(|t| t.to_string()),
+            payload,
+        })
+    }
 }
+
+impl Publisher {
+    /// PostgreSQL: runs `writes`, a module's own change, and appends `event` about
+    /// `aggregate_id` to the outbox, in one statement. Outside a transaction (see
+    /// `Db::write_single`) that statement commits or fails as a whole by itself,
+    /// with no `BEGIN` or `COMMIT` to wait for.
+    ///
+    /// `writes` renders one or more comma-separated common table expressions,
+    /// `name AS (INSERT …)`, none of them named `colony_tx` (PostgreSQL accepts
+    /// data-modifying statements only at the top of a `WITH`, so they cannot be
+    /// nested). All of them run, whether read or not. Give it a fixed text (see
+    /// `AppendPg`) and the whole statement is prepared once per connection.
+    ///
+    /// What `publish` says about row locks holds here as well: `writes` creates or
+    /// locks the aggregate.
+    pub fn publish_with<E: Event, W: QueryFragment<Pg> + QueryId>(
+        &self,
+        conn: &mut PgConnection,
+        writes: W,
+        aggregate_id: &str,
+        event: &E,
+    ) -> QueryResult<Envelope> {
+        let mut envelope = self.envelope(aggregate_id, event)?;
+        let row = OutboxRow::from_envelope(&envelope);
+        envelope.sequence = AppendPg {
+            writes: Some(&writes),
+            row: &row,
+        }
+        .get_result(conn)?;
+        note_published(E::NAME, &envelope);
+        Ok(envelope)
+    }
+}
+
+/// The statement before the outbox's own: none, or a module's writes.
+type NoWrites = ();
 
 /// PostgreSQL: takes the next number from the outbox's sequence and appends the row
-/// in one statement (one round trip, prepared once per connection); returns the
-/// number. No lock is held until commit, so publishers commit together; numbers
-/// follow publication order, and may become visible out of order (see `Gaps`).
-struct AppendPg<'a>(&'a OutboxRow);
-
-impl QueryId for AppendPg<'_> {
-    type QueryId = AppendPg<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
+/// in one statement (one round trip, prepared once per connection), after the
+/// module's own `writes` if any (`Publisher::publish_with`); returns the number. No
+/// lock is held until commit, so publishers commit together; numbers follow
+/// publication order, and may become visible out of order (see `Gaps`).
+struct AppendPg<'a, W> {
+    writes: Option<&'a W>,
+    row: &'a OutboxRow,
 }
 
-impl Query for AppendPg<'_> {
+impl<W: QueryId> QueryId for AppendPg<'_, W> {
+    type QueryId = AppendPg<'static, W::QueryId>;
+    const HAS_STATIC_QUERY_ID: bool = W::HAS_STATIC_QUERY_ID;
+}
+
+impl<W> Query for AppendPg<'_, W> {
     type SqlType = BigInt;
 }
 
-impl RunQueryDsl<PgConnection> for AppendPg<'_> {}
+impl<W> RunQueryDsl<PgConnection> for AppendPg<'_, W> {}
 
-impl QueryFragment<Pg> for AppendPg<'_> {
+impl<W: QueryFragment<Pg>> QueryFragment<Pg> for AppendPg<'_, W> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        let row = self.0;
+        let row = self.row;
         // The transaction's id is taken before the number (the materialised CTE is
         // read before the outer select runs): a reader that sees a later number can
         // then tell, from transaction ids, when this one's number is settled.
+        out.push_sql("WITH ");
+        if let Some(writes) = self.writes {
+            writes.walk_ast(out.reborrow())?;
+            out.push_sql(", ");
+        }
         out.push_sql(
-            "WITH tx AS MATERIALIZED (SELECT pg_current_xact_id()) \
+            "colony_tx AS MATERIALIZED (SELECT pg_current_xact_id()) \
              INSERT INTO colony_outbox (sequence, event_id, name, aggregate_id, occurred_at, \
              correlation_id, causation_id, traceparent, payload) \
              SELECT nextval('colony_outbox_sequence'), ",
@@ -234,7 +289,7 @@ impl QueryFragment<Pg> for AppendPg<'_> {
         out.push_bind_param::<Nullable<Text>, _>(&row.traceparent)?;
         out.push_sql(", ");
         out.push_bind_param::<Text, _>(&row.payload)?;
-        out.push_sql(" FROM tx RETURNING sequence");
+        out.push_sql(" FROM colony_tx RETURNING sequence");
         Ok(())
     }
 }
