@@ -529,14 +529,16 @@ impl BusRig {
                 let mut conn = db.pool().get()?;
                 // As `Db::write` does: the commit tells the consumer what it published.
                 outbox::take_published();
-                let envelope = write_tx(&mut conn, |conn| {
+                write_tx(&mut conn, |conn| {
                     publisher.publish(conn, &format!("k{}", n % KEYS), &event)
                 })?;
                 commits.push(Instant::now());
                 drop(conn);
-                db.announce(outbox::take_published());
-                if envelope.sequence != n {
-                    bail!("event {n} got sequence {}", envelope.sequence);
+                let published = outbox::take_published();
+                let sequence = published.names.first().map(|(_, sequence)| *sequence);
+                db.announce(published);
+                if sequence != Some(n) {
+                    bail!("event {n} got sequence {sequence:?}");
                 }
             }
             Ok(commits)

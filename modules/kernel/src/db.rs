@@ -727,21 +727,35 @@ pub fn forget_after_commit(mark: usize) {
 /// On SQLite a deferred transaction that reads first and writes later fails with
 /// `SQLITE_BUSY` when another writer committed in between, so writes begin with
 /// `BEGIN IMMEDIATE`. Nested `conn.transaction` calls inside `f` become savepoints.
-/// Hooks registered with `after_commit` during `f` run after the commit.
+/// Hooks registered with `after_commit` during `f` run after the commit. On
+/// PostgreSQL, the events `f` publishes are appended to the outbox together, with
+/// one statement, once `f` has returned (`outbox::Publisher::publish`).
 pub fn write_tx<T, E, F>(conn: &mut AnyConnection, f: F) -> Result<T, E>
 where
     E: From<diesel::result::Error>,
     F: FnOnce(&mut AnyConnection) -> Result<T, E>,
 {
-    match conn {
+    let queue = match conn {
         AnyConnection::Sqlite(c) => {
-            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?
+            AnsiTransactionManager::begin_transaction_sql(c, "BEGIN IMMEDIATE")?;
+            None
         }
-        AnyConnection::Postgresql(c) => AnsiTransactionManager::begin_transaction(c)?,
-    }
+        AnyConnection::Postgresql(c) => {
+            AnsiTransactionManager::begin_transaction(c)?;
+            Some(crate::outbox::QueueScope::open(c))
+        }
+    };
     let scope = HookScope::open();
     type Manager = <AnyConnection as Connection>::TransactionManager;
-    let result = match f(conn) {
+    // The events `f` published are appended last, while its locks are still held.
+    let result = f(conn).and_then(|value| match (&queue, &mut *conn) {
+        (Some(queue), AnyConnection::Postgresql(c)) => {
+            queue.flush(c).map(|()| value).map_err(E::from)
+        }
+        _ => Ok(value),
+    });
+    drop(queue);
+    let result = match result {
         Ok(value) => match Manager::commit_transaction(conn) {
             Ok(()) => Ok(value),
             Err(commit_error) => {

@@ -5,7 +5,7 @@ use contracts::Event;
 use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{BigInt, Nullable, Text, Timestamp};
+use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamp};
 use uuid::Uuid;
 
 use crate::db::AnyConnection;
@@ -16,6 +16,113 @@ use crate::trace::TraceContext;
 thread_local! {
     static PUBLISHED: std::cell::RefCell<Publications> =
         const { std::cell::RefCell::new(Publications::new()) };
+}
+
+thread_local! {
+    /// Events that the PostgreSQL write transaction running on this thread
+    /// (`db::write_tx`) publishes, appended to its outbox together just before it
+    /// commits (see `Publisher::publish`).
+    static QUEUED: std::cell::RefCell<Option<Queue>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The events queued by one write transaction, on the connection it runs on.
+struct Queue {
+    /// That connection's address: an event published on another connection (a
+    /// transaction nested in this one, on the same thread) is not this one's.
+    conn: usize,
+    envelopes: Vec<(&'static str, Envelope)>,
+}
+
+fn address(conn: &PgConnection) -> usize {
+    std::ptr::from_ref(conn) as usize
+}
+
+/// Where `write_tx` keeps a PostgreSQL transaction's queued events. The enclosing
+/// transaction's (another connection's, on this thread) are set aside meanwhile,
+/// and put back when this one closes or is dropped on a panic.
+pub(crate) struct QueueScope {
+    outer: Option<Option<Queue>>,
+}
+
+impl QueueScope {
+    pub(crate) fn open(conn: &PgConnection) -> Self {
+        let queue = Queue {
+            conn: address(conn),
+            envelopes: Vec::new(),
+        };
+        let outer = QUEUED.with(|q| q.replace(Some(queue)));
+        Self { outer: Some(outer) }
+    }
+
+    /// Appends what the transaction queued to `conn`'s outbox, in one statement;
+    /// the queue stays open (empty) until `close`.
+    pub(crate) fn flush(&self, conn: &mut PgConnection) -> QueryResult<()> {
+        let envelopes = QUEUED.with(|q| {
+            q.borrow_mut()
+                .as_mut()
+                .map(|queue| std::mem::take(&mut queue.envelopes))
+                .unwrap_or_default()
+        });
+        append_all(conn, envelopes)
+    }
+}
+
+impl Drop for QueueScope {
+    fn drop(&mut self) {
+        if let Some(outer) = self.outer.take() {
+            QUEUED.with(|q| q.replace(outer));
+        }
+    }
+}
+
+/// How many events this thread's write transaction has queued: a mark, for a
+/// savepoint, to `forget_queued` back to.
+pub fn queued_mark() -> usize {
+    QUEUED.with(|q| q.borrow().as_ref().map_or(0, |queue| queue.envelopes.len()))
+}
+
+/// Drops the events queued since `mark` (their savepoint rolled back).
+pub fn forget_queued(mark: usize) {
+    QUEUED.with(|q| {
+        if let Some(queue) = q.borrow_mut().as_mut() {
+            queue.envelopes.truncate(mark);
+        }
+    });
+}
+
+/// Queues `envelope` if `conn` is running a `write_tx`; otherwise hands it back.
+fn queue(conn: &PgConnection, name: &'static str, envelope: Envelope) -> Option<Envelope> {
+    QUEUED.with(|q| match q.borrow_mut().as_mut() {
+        Some(queue) if queue.conn == address(conn) => {
+            queue.envelopes.push((name, envelope));
+            None
+        }
+        _ => Some(envelope),
+    })
+}
+
+/// Appends `envelopes` to the outbox, numbered in their order, with one statement
+/// (none for none), and records them as published.
+fn append_all(
+    conn: &mut PgConnection,
+    mut envelopes: Vec<(&'static str, Envelope)>,
+) -> QueryResult<()> {
+    if envelopes.is_empty() {
+        return Ok(());
+    }
+    let rows = AppendAllPg::of(envelopes.iter().map(|(_, e)| e));
+    let numbered: Vec<(String, i64)> = rows.get_results(conn)?;
+    let numbers: std::collections::HashMap<String, i64> = numbered.into_iter().collect();
+    for (name, envelope) in &mut envelopes {
+        let id = envelope.event_id.to_string();
+        envelope.sequence = *numbers.get(&id).ok_or_else(|| {
+            diesel::result::Error::QueryBuilderError(
+                format!("event {id} was not appended to the outbox").into(),
+            )
+        })?;
+        note_published(name, envelope);
+    }
+    Ok(())
 }
 
 /// Whether committed envelopes are kept, for a relay or the local readers of this
@@ -137,19 +244,47 @@ impl Publisher {
         }
     }
 
-    /// Appends `event` about `aggregate_id` to the outbox on `conn`, which must be
-    /// inside the caller's write transaction.
+    /// Publishes `event` about `aggregate_id` on `conn`, which must be inside the
+    /// caller's write transaction: the event commits with it, or not at all.
+    ///
+    /// On PostgreSQL, in a `db::write_tx`, the event is queued and appended to the
+    /// outbox with the transaction's other events, in one statement, just before
+    /// the transaction commits: one round trip for all of them. Elsewhere (SQLite,
+    /// whose statements cost no round trip, or a transaction begun otherwise) it is
+    /// appended at once, as by `publish_now`.
     ///
     /// Readers hand events on in sequence order. On SQLite sequences are gapless and
-    /// in commit order. On PostgreSQL they are in publication order: a transaction
-    /// must therefore publish about an aggregate only while it holds that aggregate's
-    /// row lock (or has just created it), so that of two transactions publishing
-    /// about the same aggregate the one that commits first also published first.
+    /// in commit order. On PostgreSQL they are in the order of appending: a
+    /// transaction must therefore publish about an aggregate only while it holds
+    /// that aggregate's row lock (or has just created it), so that of two
+    /// transactions publishing about the same aggregate the one that commits first
+    /// also published first. (Queued events are appended while the transaction
+    /// still holds its locks.) A transaction's events are numbered in the order it
+    /// published them.
     ///
     /// A transaction that rolls back to a savepoint after publishing must call
-    /// `forget_kept`, or a relay in this process could be handed the rolled-back
-    /// events as committed, and this process's consumers would handle them.
+    /// `forget_queued` with the `queued_mark` taken before it, and `forget_kept`, or
+    /// the rolled-back events would be appended at commit, or handed to a relay
+    /// (and this process's consumers) as committed.
     pub fn publish<E: Event>(
+        &self,
+        conn: &mut AnyConnection,
+        aggregate_id: &str,
+        event: &E,
+    ) -> QueryResult<()> {
+        if let AnyConnection::Postgresql(c) = conn {
+            let envelope = self.envelope(aggregate_id, event)?;
+            if let Some(envelope) = queue(c, E::NAME, envelope) {
+                append_all(c, vec![(E::NAME, envelope)])?;
+            }
+            return Ok(());
+        }
+        self.publish_now(conn, aggregate_id, event).map(drop)
+    }
+
+    /// As `publish`, but appended at once, whatever the transaction: returns the
+    /// event as stored, with its number.
+    pub fn publish_now<E: Event>(
         &self,
         conn: &mut AnyConnection,
         aggregate_id: &str,
@@ -290,6 +425,95 @@ impl<W: QueryFragment<Pg>> QueryFragment<Pg> for AppendPg<'_, W> {
         out.push_sql(", ");
         out.push_bind_param::<Text, _>(&row.payload)?;
         out.push_sql(" FROM colony_tx RETURNING sequence");
+        Ok(())
+    }
+}
+
+/// PostgreSQL: appends a transaction's queued events, numbered from the outbox's
+/// sequence in the order given, in one statement (one text for any number of
+/// events, so prepared once per connection); returns each event's id and number.
+/// The transaction's id is taken before the numbers, as in `AppendPg`.
+struct AppendAllPg {
+    event_ids: Vec<String>,
+    names: Vec<String>,
+    aggregate_ids: Vec<String>,
+    occurred_at: Vec<chrono::NaiveDateTime>,
+    correlation_ids: Vec<String>,
+    causation_ids: Vec<Option<String>>,
+    traceparents: Vec<Option<String>>,
+    payloads: Vec<String>,
+}
+
+impl AppendAllPg {
+    fn of<'e>(envelopes: impl Iterator<Item = &'e Envelope>) -> Self {
+        let mut all = Self {
+            event_ids: Vec::new(),
+            names: Vec::new(),
+            aggregate_ids: Vec::new(),
+            occurred_at: Vec::new(),
+            correlation_ids: Vec::new(),
+            causation_ids: Vec::new(),
+            traceparents: Vec::new(),
+            payloads: Vec::new(),
+        };
+        for envelope in envelopes {
+            let row = OutboxRow::from_envelope(envelope);
+            all.event_ids.push(row.event_id);
+            all.names.push(row.name);
+            all.aggregate_ids.push(row.aggregate_id);
+            all.occurred_at.push(row.occurred_at);
+            all.correlation_ids.push(row.correlation_id);
+            all.causation_ids.push(row.causation_id);
+            all.traceparents.push(row.traceparent);
+            all.payloads.push(row.payload);
+        }
+        all
+    }
+}
+
+impl QueryId for AppendAllPg {
+    type QueryId = Self;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for AppendAllPg {
+    type SqlType = (Text, BigInt);
+}
+
+impl RunQueryDsl<PgConnection> for AppendAllPg {}
+
+impl QueryFragment<Pg> for AppendAllPg {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        // The inner select is sorted and kept apart (OFFSET 0), so the numbers are
+        // drawn in the order the events were published.
+        out.push_sql(
+            "WITH colony_tx AS MATERIALIZED (SELECT pg_current_xact_id()) \
+             INSERT INTO colony_outbox (sequence, event_id, name, aggregate_id, occurred_at, \
+             correlation_id, causation_id, traceparent, payload) \
+             SELECT nextval('colony_outbox_sequence'), e.event_id, e.name, e.aggregate_id, \
+             e.occurred_at, e.correlation_id, e.causation_id, e.traceparent, e.payload \
+             FROM (SELECT u.* FROM colony_tx, unnest(",
+        );
+        out.push_bind_param::<Array<Text>, _>(&self.event_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.names)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.aggregate_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Timestamp>, _>(&self.occurred_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.correlation_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.causation_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.traceparents)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.payloads)?;
+        out.push_sql(
+            ") WITH ORDINALITY AS u(event_id, name, aggregate_id, occurred_at, correlation_id, \
+             causation_id, traceparent, payload, n) ORDER BY u.n OFFSET 0) e \
+             RETURNING event_id, sequence",
+        );
         Ok(())
     }
 }

@@ -67,14 +67,31 @@ fn open(test_db: &TestDatabase, name: &'static str) -> Db {
 }
 
 fn publish(db: &Db, key: &str, n: i64) -> Envelope {
+    publish_event(db, key, &ThingHappened { n })
+}
+
+/// Publishes `event` in a write transaction of its own, as a module does, and
+/// returns it as stored.
+fn publish_event<E: contracts::Event>(db: &Db, key: &str, event: &E) -> Envelope {
     let mut conn = db.pool().get().unwrap();
     let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
-    let envelope = write_tx(&mut conn, |conn| {
-        publisher.publish(conn, key, &ThingHappened { n })
-    })
-    .unwrap();
+    outbox::take_published();
+    write_tx(&mut conn, |conn| publisher.publish(conn, key, event)).unwrap();
+    let published = outbox::take_published();
     db.notify_committed();
-    envelope
+    let [(_, sequence)] = published.names[..] else {
+        panic!("one event published, got {:?}", published.names)
+    };
+    stored(&mut conn, sequence)
+}
+
+/// The event stored in alpha's outbox under `sequence`.
+fn stored(conn: &mut AnyConnection, sequence: i64) -> Envelope {
+    outbox::read_after(conn, "alpha", sequence - 1, 1)
+        .unwrap()
+        .pop()
+        .unwrap()
+        .unwrap()
 }
 
 /// What a scripted handler answers for an attempt.
@@ -594,8 +611,10 @@ async fn a_rolled_back_transaction_publishes_nothing(test_db: TestDatabase) {
     let s = setup(&test_db);
     let mut conn = s.producer.pool().get().unwrap();
     let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
+    // Appended at once, so that on PostgreSQL it takes a number (a queued event
+    // would take none: `a_transaction_appends_its_events_in_the_order_published`).
     let result: Result<(), diesel::result::Error> = write_tx(&mut conn, |conn| {
-        publisher.publish(conn, "k1", &ThingHappened { n: 1 })?;
+        publisher.publish_now(conn, "k1", &ThingHappened { n: 1 })?;
         Err(diesel::result::Error::RollbackTransaction)
     });
     assert!(result.is_err());
@@ -619,6 +638,73 @@ async fn a_rolled_back_transaction_publishes_nothing(test_db: TestDatabase) {
     .await;
     assert!(passed, "the event after the gap was never handled");
     assert_eq!(effects(&s.consumer, "beta"), vec![("k1".into(), 2)]);
+}
+
+/// A write transaction's events are stored in the order it published them, with
+/// numbers in that order. On PostgreSQL they are queued and appended together just
+/// before the commit, by one statement prepared once: none is there before, and a
+/// transaction that rolls back takes no number. Events published in a savepoint
+/// that rolls back are dropped from the queue.
+async fn a_transaction_appends_its_events_in_the_order_published(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    let postgres = s.producer.backend() == kernel::db::Backend::Postgres;
+    let mut conn = s.producer.pool().get().unwrap();
+    let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
+    let rolled_back: Result<(), diesel::result::Error> = write_tx(&mut conn, |conn| {
+        publisher.publish(conn, "a", &ThingHappened { n: -1 })?;
+        Err(diesel::result::Error::RollbackTransaction)
+    });
+    assert!(rolled_back.is_err());
+    for (count, first) in [(5, 0), (2, 10)] {
+        write_tx(&mut conn, |conn| {
+            for n in first..first + count {
+                let key = if n % 2 == 0 { "a" } else { "b" };
+                publisher.publish(conn, key, &ThingHappened { n })?;
+                if n == first + 1 {
+                    // A savepoint that publishes and rolls back, as a consumer's
+                    // failed attempt does.
+                    let mark = outbox::queued_mark();
+                    let undone = conn.transaction::<(), _, _>(|conn| {
+                        publisher.publish(conn, "a", &ThingHappened { n: -2 })?;
+                        Err(diesel::result::Error::RollbackTransaction)
+                    });
+                    assert!(undone.is_err());
+                    outbox::forget_queued(mark);
+                }
+            }
+            let stored_yet = outbox::last_sequence(conn)?;
+            let before = if first == 0 { 0 } else { 5 };
+            let expected = if postgres { before } else { before + count };
+            assert_eq!(stored_yet, expected, "events stored before the commit");
+            Ok::<_, diesel::result::Error>(())
+        })
+        .unwrap();
+    }
+    let stored: Vec<(i64, String, i64)> = outbox::read_after(&mut conn, "alpha", 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.sequence, e.aggregate_id, e.payload["n"].as_i64().unwrap())
+        })
+        .collect();
+    let numbers: Vec<i64> = stored.iter().map(|(_, _, n)| *n).collect();
+    assert_eq!(numbers, [0, 1, 2, 3, 4, 10, 11]);
+    let keys: Vec<&str> = stored.iter().map(|(_, key, _)| key.as_str()).collect();
+    assert_eq!(keys, ["a", "b", "a", "b", "a", "a", "b"]);
+    let sequences: Vec<i64> = stored.iter().map(|(sequence, _, _)| *sequence).collect();
+    assert_eq!(
+        sequences,
+        [1, 2, 3, 4, 5, 6, 7],
+        "no number taken by what rolled back"
+    );
+    if postgres {
+        let appending = kernel::testing::prepared_statements(
+            &mut conn,
+            "WITH colony_tx AS MATERIALIZED (SELECT pg_current_xact_id()) INSERT INTO colony_outbox",
+        );
+        assert_eq!(appending.len(), 1, "{appending:?}");
+    }
 }
 
 /// The events a consumer acts on when it passes `NoiseHappened` by.
@@ -658,16 +744,7 @@ async fn events_passed_by_commit_nothing(test_db: TestDatabase) {
     let (stop, stopped) = watch::channel(false);
     let sub = s.transport.subscribe("beta", "alpha").unwrap();
     let running = tokio::spawn(engine.run(sub, stopped));
-    let publish_noise = |n: i64| {
-        let mut conn = s.producer.pool().get().unwrap();
-        let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
-        let envelope = write_tx(&mut conn, |conn| {
-            publisher.publish(conn, "k1", &NoiseHappened { n })
-        })
-        .unwrap();
-        s.producer.notify_committed();
-        envelope
-    };
+    let publish_noise = |n: i64| publish_event(&s.producer, "k1", &NoiseHappened { n });
 
     let first = publish(&s.producer, "k1", 1);
     let handled = eventually(Duration::from_secs(10), || {
@@ -739,7 +816,7 @@ async fn an_event_committed_after_a_later_one_is_not_skipped(test_db: TestDataba
     )
     .unwrap();
     let first = Publisher::new("alpha", Uuid::now_v7(), None)
-        .publish(&mut slow, "k1", &ThingHappened { n: 1 })
+        .publish_now(&mut slow, "k1", &ThingHappened { n: 1 })
         .unwrap();
     // ... while another commits sequence 2 about another key.
     let second = publish(&s.producer, "k2", 2);
@@ -787,11 +864,11 @@ async fn an_event_of_a_younger_transaction_is_not_skipped(test_db: TestDatabase)
     // ... the younger one takes an id and sequence 1, and stays open ...
     Manager::begin_transaction(pg(&mut younger)).unwrap();
     let first = Publisher::new("alpha", Uuid::now_v7(), None)
-        .publish(&mut younger, "k1", &ThingHappened { n: 1 })
+        .publish_now(&mut younger, "k1", &ThingHappened { n: 1 })
         .unwrap();
     // ... while the older one publishes sequence 2 and commits.
     let second = Publisher::new("alpha", Uuid::now_v7(), None)
-        .publish(&mut older, "k2", &ThingHappened { n: 2 })
+        .publish_now(&mut older, "k2", &ThingHappened { n: 2 })
         .unwrap();
     Manager::commit_transaction(pg(&mut older)).unwrap();
     assert_eq!((first.sequence, second.sequence), (1, 2));
@@ -1015,24 +1092,38 @@ async fn commits_wake_only_readers_of_their_events(test_db: TestDatabase) {
     assert!(!everything.has_changed().unwrap());
 
     let p = publisher.clone();
-    let (thing, noise) = s
-        .producer
+    s.producer
         .write(move |conn| {
-            let thing = p.publish(conn, "k1", &ThingHappened { n: 2 })?;
-            let noise = p.publish(conn, "k1", &NoiseHappened { n: 3 })?;
-            Ok::<_, DbError>((thing, noise))
+            p.publish(conn, "k1", &ThingHappened { n: 2 })?;
+            p.publish(conn, "k1", &NoiseHappened { n: 3 })?;
+            Ok::<_, DbError>(())
         })
         .await
         .unwrap();
+    let stored = outbox::read_after(&mut s.producer.pool().get().unwrap(), "alpha", 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(Result::unwrap)
+        .collect::<Vec<_>>();
+    let last = |name: &str| {
+        stored
+            .iter()
+            .rev()
+            .find(|e| e.name == name)
+            .unwrap()
+            .sequence
+    };
+    use contracts::Event;
+    let (thing, noise) = (last(ThingHappened::NAME), last(NoiseHappened::NAME));
     assert!(things.has_changed().unwrap(), "the reader of things slept");
     assert!(everything.has_changed().unwrap());
     // Each reader learns the highest number of the events it reads.
-    assert_eq!(things.borrow_and_update().up_to, thing.sequence);
-    assert_eq!(any_name.borrow_and_update().up_to, noise.sequence);
+    assert_eq!(things.borrow_and_update().up_to, thing);
+    assert_eq!(any_name.borrow_and_update().up_to, noise);
     // A commit that does not say what it published wakes every reader.
     s.producer.notify_committed();
     let told = *things.borrow_and_update();
-    assert_eq!((told.up_to, told.unknown), (thing.sequence, 1));
+    assert_eq!((told.up_to, told.unknown), (thing, 1));
 
     // A rolled-back transaction wakes nobody, and the next commit does not
     // announce its events either.
@@ -1737,7 +1828,7 @@ async fn pruning_goes_on_chunk_by_chunk(test_db: TestDatabase) {
         (0..total)
             .map(|n| {
                 publisher
-                    .publish(conn, "k", &ThingHappened { n })
+                    .publish_now(conn, "k", &ThingHappened { n })
                     .map(|e| e.event_id.to_string())
             })
             .collect::<Result<Vec<_>, diesel::result::Error>>()
@@ -1960,6 +2051,7 @@ on_both_backends!(
     a_broken_consumer_does_not_hold_back_another_locally,
     a_failing_pass_waits_its_backoff_locally,
     a_rolled_back_transaction_publishes_nothing,
+    a_transaction_appends_its_events_in_the_order_published,
     two_bus_instances_never_handle_the_same_event_at_once,
     replicas_keep_key_order_through_retries,
     replaying_a_dead_letter_delivers_it_once,

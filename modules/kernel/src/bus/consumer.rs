@@ -317,6 +317,7 @@ impl ConsumerEngine {
         let span = self.span(event);
         let _entered = span.enter();
         let hooks = crate::db::after_commit_mark();
+        let queued = crate::outbox::queued_mark();
         let result = conn.transaction::<_, Undo, _>(|conn| {
             let recorded = diesel::insert_into(colony_inbox::table)
                 .values((
@@ -340,8 +341,10 @@ impl ConsumerEngine {
         });
         if result.is_err() {
             // Its savepoint rolled back: what it meant to run after commit goes too,
-            // and what it published is neither handed to a relay nor kept.
+            // and what it published is neither appended nor handed to a relay nor
+            // kept.
             crate::db::forget_after_commit(hooks);
+            crate::outbox::forget_queued(queued);
             crate::outbox::forget_kept();
         }
         match result {
