@@ -105,12 +105,42 @@ fn queue(conn: &PgConnection, name: &'static str, envelope: Envelope) -> Option<
 /// (none for none), and records them as published.
 fn append_all(
     conn: &mut PgConnection,
-    mut envelopes: Vec<(&'static str, Envelope)>,
+    envelopes: Vec<(&'static str, Envelope)>,
 ) -> QueryResult<()> {
     if envelopes.is_empty() {
         return Ok(());
     }
-    let rows = AppendAllPg::of(envelopes.iter().map(|(_, e)| e));
+    append_all_after::<NoWrites>(conn, None, envelopes)
+}
+
+/// Where `conn` runs a `write_tx` that has queued events: runs `writes` and appends
+/// them, in one statement, and says `true`. Otherwise runs nothing and says `false`
+/// (the caller runs its writes alone). For a consumer's pass, whose last statement
+/// (its inbox records and position) can carry the events its handlers published.
+pub(crate) fn append_queued_after<W: QueryFragment<Pg> + QueryId>(
+    conn: &mut PgConnection,
+    writes: &W,
+) -> QueryResult<bool> {
+    let envelopes = QUEUED.with(|q| match q.borrow_mut().as_mut() {
+        Some(queue) if queue.conn == address(conn) => std::mem::take(&mut queue.envelopes),
+        _ => Vec::new(),
+    });
+    if envelopes.is_empty() {
+        return Ok(false);
+    }
+    append_all_after(conn, Some(writes), envelopes)?;
+    Ok(true)
+}
+
+fn append_all_after<W: QueryFragment<Pg> + QueryId>(
+    conn: &mut PgConnection,
+    writes: Option<&W>,
+    mut envelopes: Vec<(&'static str, Envelope)>,
+) -> QueryResult<()> {
+    let rows = AppendAllPg {
+        writes,
+        events: EventColumns::of(envelopes.iter().map(|(_, e)| e)),
+    };
     let numbered: Vec<(String, i64)> = rows.get_results(conn)?;
     let numbers: std::collections::HashMap<String, i64> = numbered.into_iter().collect();
     for (name, envelope) in &mut envelopes {
@@ -431,9 +461,17 @@ impl<W: QueryFragment<Pg>> QueryFragment<Pg> for AppendPg<'_, W> {
 
 /// PostgreSQL: appends a transaction's queued events, numbered from the outbox's
 /// sequence in the order given, in one statement (one text for any number of
-/// events, so prepared once per connection); returns each event's id and number.
-/// The transaction's id is taken before the numbers, as in `AppendPg`.
-struct AppendAllPg {
+/// events, so prepared once per connection), after `writes` if any (common table
+/// expressions, as for `Publisher::publish_with`); returns each event's id and
+/// number. The transaction's id is taken before the numbers, as in `AppendPg`.
+struct AppendAllPg<'a, W> {
+    /// A module's or the bus's own writes, run in the same statement.
+    writes: Option<&'a W>,
+    events: EventColumns,
+}
+
+/// Events as columns, one array each.
+struct EventColumns {
     event_ids: Vec<String>,
     names: Vec<String>,
     aggregate_ids: Vec<String>,
@@ -444,7 +482,7 @@ struct AppendAllPg {
     payloads: Vec<String>,
 }
 
-impl AppendAllPg {
+impl EventColumns {
     fn of<'e>(envelopes: impl Iterator<Item = &'e Envelope>) -> Self {
         let mut all = Self {
             event_ids: Vec::new(),
@@ -471,44 +509,50 @@ impl AppendAllPg {
     }
 }
 
-impl QueryId for AppendAllPg {
-    type QueryId = Self;
-    const HAS_STATIC_QUERY_ID: bool = true;
+impl<W: QueryId> QueryId for AppendAllPg<'_, W> {
+    type QueryId = AppendAllPg<'static, W::QueryId>;
+    const HAS_STATIC_QUERY_ID: bool = W::HAS_STATIC_QUERY_ID;
 }
 
-impl Query for AppendAllPg {
+impl<W> Query for AppendAllPg<'_, W> {
     type SqlType = (Text, BigInt);
 }
 
-impl RunQueryDsl<PgConnection> for AppendAllPg {}
+impl<W> RunQueryDsl<PgConnection> for AppendAllPg<'_, W> {}
 
-impl QueryFragment<Pg> for AppendAllPg {
+impl<W: QueryFragment<Pg>> QueryFragment<Pg> for AppendAllPg<'_, W> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let events = &self.events;
+        out.push_sql("WITH ");
+        if let Some(writes) = self.writes {
+            writes.walk_ast(out.reborrow())?;
+            out.push_sql(", ");
+        }
         // The inner select is sorted and kept apart (OFFSET 0), so the numbers are
         // drawn in the order the events were published.
         out.push_sql(
-            "WITH colony_tx AS MATERIALIZED (SELECT pg_current_xact_id()) \
+            "colony_tx AS MATERIALIZED (SELECT pg_current_xact_id()) \
              INSERT INTO colony_outbox (sequence, event_id, name, aggregate_id, occurred_at, \
              correlation_id, causation_id, traceparent, payload) \
              SELECT nextval('colony_outbox_sequence'), e.event_id, e.name, e.aggregate_id, \
              e.occurred_at, e.correlation_id, e.causation_id, e.traceparent, e.payload \
              FROM (SELECT u.* FROM colony_tx, unnest(",
         );
-        out.push_bind_param::<Array<Text>, _>(&self.event_ids)?;
+        out.push_bind_param::<Array<Text>, _>(&events.event_ids)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&self.names)?;
+        out.push_bind_param::<Array<Text>, _>(&events.names)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&self.aggregate_ids)?;
+        out.push_bind_param::<Array<Text>, _>(&events.aggregate_ids)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<Timestamp>, _>(&self.occurred_at)?;
+        out.push_bind_param::<Array<Timestamp>, _>(&events.occurred_at)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&self.correlation_ids)?;
+        out.push_bind_param::<Array<Text>, _>(&events.correlation_ids)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.causation_ids)?;
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&events.causation_ids)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<Nullable<Text>>, _>(&self.traceparents)?;
+        out.push_bind_param::<Array<Nullable<Text>>, _>(&events.traceparents)?;
         out.push_sql(", ");
-        out.push_bind_param::<Array<Text>, _>(&self.payloads)?;
+        out.push_bind_param::<Array<Text>, _>(&events.payloads)?;
         out.push_sql(
             ") WITH ORDINALITY AS u(event_id, name, aggregate_id, occurred_at, correlation_id, \
              causation_id, traceparent, payload, n) ORDER BY u.n OFFSET 0) e \

@@ -293,14 +293,17 @@ impl Subscription for LocalSubscription {
             record_handled(conn, handled)?;
             return self.write_position(conn, last.sequence);
         };
-        // On PostgreSQL one statement writes both (SQLite has no writing CTEs).
-        AdvancePg {
+        // On PostgreSQL one statement writes both (SQLite has no writing CTEs), and
+        // appends what the pass's handlers published.
+        let advance = AdvancePg {
             handled,
             position: last.sequence,
             consumer: &self.consumer,
             source: self.source.module(),
+        };
+        if !outbox::append_queued_after(c, &AdvanceWrites(&advance))? {
+            advance.execute(c)?;
         }
-        .execute(c)?;
         Ok(())
     }
 
@@ -391,15 +394,27 @@ impl RunQueryDsl<PgConnection> for AdvancePg<'_> {}
 
 impl QueryFragment<Pg> for AdvancePg<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql(
-            "WITH inbox AS (INSERT INTO colony_inbox (consumer, event_id, handled_at) SELECT ",
-        );
+        out.push_sql("WITH ");
+        self.push_inbox(out.reborrow())?;
+        out.push_sql(" ");
+        self.push_position(out)
+    }
+}
+
+impl<'a> AdvancePg<'a> {
+    fn push_inbox<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("inbox AS (INSERT INTO colony_inbox (consumer, event_id, handled_at) SELECT ");
         out.push_bind_param::<Text, _>(self.handled.consumer)?;
         out.push_sql(", id, ");
         out.push_bind_param::<Timestamp, _>(&self.handled.at)?;
         out.push_sql(" FROM unnest(");
         out.push_bind_param::<Array<Text>, _>(self.handled.event_ids)?;
-        out.push_sql(") AS id) UPDATE colony_consumer_positions SET position = ");
+        out.push_sql(") AS id)");
+        Ok(())
+    }
+
+    fn push_position<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("UPDATE colony_consumer_positions SET position = ");
         out.push_bind_param::<BigInt, _>(&self.position)?;
         out.push_sql(", updated_at = ");
         out.push_bind_param::<Timestamp, _>(&self.handled.at)?;
@@ -407,6 +422,25 @@ impl QueryFragment<Pg> for AdvancePg<'_> {
         out.push_bind_param::<Text, _>(self.consumer)?;
         out.push_sql(" AND source = ");
         out.push_bind_param::<Text, _>(self.source)?;
+        Ok(())
+    }
+}
+
+/// The same writes as common table expressions, ahead of the outbox append of what
+/// the pass published (`outbox::append_queued_after`).
+struct AdvanceWrites<'a>(&'a AdvancePg<'a>);
+
+impl QueryId for AdvanceWrites<'_> {
+    type QueryId = AdvanceWrites<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryFragment<Pg> for AdvanceWrites<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        self.0.push_inbox(out.reborrow())?;
+        out.push_sql(", advanced AS (");
+        self.0.push_position(out.reborrow())?;
+        out.push_sql(")");
         Ok(())
     }
 }
