@@ -97,9 +97,9 @@ fn reserve_order(
         Ok(planned) => {
             for ((id, stock), (_, quantity, _)) in planned.iter().zip(&lines) {
                 let product_id = id.to_string();
-                store::set_stock(conn, &product_id, *stock, now)?;
-                store::insert_reservation(
+                store::reserve_line(
                     conn,
+                    *stock,
                     &ReservationRow {
                         order_id: order_id.clone(),
                         product_id: product_id.clone(),

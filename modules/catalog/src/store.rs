@@ -3,6 +3,7 @@
 
 use chrono::NaiveDateTime;
 use diesel::backend::Backend;
+use diesel::pg::Pg;
 use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment, QueryId};
 use diesel::serialize::ToSql;
@@ -207,11 +208,68 @@ pub struct ReservationRow {
     pub updated_at: NaiveDateTime,
 }
 
-pub fn insert_reservation(conn: &mut AnyConnection, row: &ReservationRow) -> QueryResult<()> {
-    diesel::insert_into(crate::schema::reservations::table)
-        .values(row)
-        .execute(conn)?;
+/// Reserves `row.quantity` of a product for an order: its new stock (the row is
+/// locked by the caller) and the reservation line. One statement on PostgreSQL,
+/// prepared once per connection.
+pub fn reserve_line(
+    conn: &mut AnyConnection,
+    stock: crate::domain::Stock,
+    row: &ReservationRow,
+) -> QueryResult<()> {
+    let set = SetStock {
+        id: &row.product_id,
+        stock,
+        now: row.updated_at,
+    };
+    match conn {
+        AnyConnection::Postgresql(c) => {
+            ReserveLinePg { set, row }.execute(c)?;
+        }
+        AnyConnection::Sqlite(c) => {
+            set.execute(c)?;
+            diesel::insert_into(crate::schema::reservations::table)
+                .values(row)
+                .execute(c)?;
+        }
+    }
     Ok(())
+}
+
+struct ReserveLinePg<'a> {
+    set: SetStock<'a>,
+    row: &'a ReservationRow,
+}
+
+impl QueryId for ReserveLinePg<'_> {
+    type QueryId = ReserveLinePg<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl RunQueryDsl<PgConnection> for ReserveLinePg<'_> {}
+
+impl QueryFragment<Pg> for ReserveLinePg<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let row = self.row;
+        out.push_sql("WITH stocked AS (");
+        self.set.walk_ast(out.reborrow())?;
+        out.push_sql(
+            ") INSERT INTO reservations \
+             (order_id, product_id, quantity, status, created_at, updated_at) VALUES (",
+        );
+        out.push_bind_param::<Text, _>(&row.order_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.product_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&row.quantity)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.status)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamp, _>(&row.created_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamp, _>(&row.updated_at)?;
+        out.push_sql(")");
+        Ok(())
+    }
 }
 
 /// An order's reservation lines in `status`, by product id.
@@ -307,5 +365,77 @@ mod tests {
         }
         let setting = prepared_statements(&mut conn, "UPDATE products SET on_hand");
         assert_eq!(setting.len(), 1, "{setting:?}");
+    }
+
+    /// A reservation line and the stock it takes are written together: by one
+    /// statement, prepared once, on PostgreSQL.
+    fn reserving_a_line_writes_stock_and_reservation(conn: &mut AnyConnection) {
+        use crate::schema::products as p;
+        let now = kernel::time::now();
+        for (sku, on_hand) in [("A", 10), ("B", 3)] {
+            diesel::insert_into(p::table)
+                .values((
+                    p::id.eq(format!("product-{sku}")),
+                    p::sku.eq(sku),
+                    p::seller_id.eq("seller"),
+                    p::name.eq(sku),
+                    p::description.eq(Some("")),
+                    p::price_minor.eq(100_i64),
+                    p::currency.eq("EUR"),
+                    p::on_hand.eq(on_hand),
+                    p::reserved.eq(0_i64),
+                    p::listed.eq(true),
+                    p::created_at.eq(now),
+                    p::updated_at.eq(now),
+                ))
+                .execute(conn)
+                .unwrap();
+        }
+        for (product, quantity) in [("product-A", 4), ("product-B", 3)] {
+            let row = ReservationRow {
+                order_id: "order-1".into(),
+                product_id: product.into(),
+                quantity,
+                status: "reserved".into(),
+                created_at: now,
+                updated_at: now,
+            };
+            let held = lock(conn, product).unwrap().unwrap().stock();
+            let stock = Stock {
+                reserved: held.reserved + quantity,
+                ..held
+            };
+            reserve_line(conn, stock, &row).unwrap();
+        }
+        let stocks: Vec<(i64, i64)> = p::table
+            .order(p::id)
+            .select((p::on_hand, p::reserved))
+            .load(conn)
+            .unwrap();
+        assert_eq!(stocks, [(10, 4), (3, 3)]);
+        let lines = reservations(conn, "order-1", "reserved").unwrap();
+        let quantities: Vec<(&str, i64)> = lines
+            .iter()
+            .map(|l| (l.product_id.as_str(), l.quantity))
+            .collect();
+        assert_eq!(quantities, [("product-A", 4), ("product-B", 3)]);
+    }
+
+    #[test]
+    fn a_reserved_line_is_written_with_its_stock_on_sqlite() {
+        let db = kernel::testing::TestDatabase::sqlite();
+        let pool = kernel::testing::migrated_pool(&db, crate::MODULE, crate::SPEC.migrations);
+        reserving_a_line_writes_stock_and_reservation(&mut pool.get().unwrap());
+    }
+
+    #[test]
+    fn a_reserved_line_is_one_prepared_statement_on_postgres() {
+        let Some((_db, pool)) = postgres_pool(crate::MODULE, crate::SPEC.migrations) else {
+            return;
+        };
+        let mut conn = pool.get().unwrap();
+        reserving_a_line_writes_stock_and_reservation(&mut conn);
+        let reserving = prepared_statements(&mut conn, "WITH stocked AS (UPDATE products");
+        assert_eq!(reserving.len(), 1, "{reserving:?}");
     }
 }
