@@ -105,9 +105,9 @@ pub struct LineRow {
     pub currency: String,
 }
 
-/// Writes a new order: its idempotency key first (of concurrent duplicates exactly
-/// one gets past it, the others fail with a unique violation), the order, its lines
-/// and `placed`, its event. On PostgreSQL all of it is one statement, which outside
+/// Writes a new order: its idempotency key (of concurrent duplicates exactly one
+/// gets past the key's unique index, and the others fail with a unique violation,
+/// writing nothing), the order, its lines and `placed`, its event. On PostgreSQL all of it is one statement, which outside
 /// a transaction (`Db::write_single`) commits by itself.
 pub fn place(
     conn: &mut AnyConnection,

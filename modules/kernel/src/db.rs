@@ -590,18 +590,26 @@ impl Db {
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
         F: FnOnce(&mut AnyConnection) -> Result<T, E> + Send + 'static,
     {
-        let (value, published) = self
+        let (result, published) = self
             .on_write_turn(move |conn| {
                 crate::outbox::take_published();
-                let value = match conn {
-                    AnyConnection::Postgresql(_) => f(conn)?,
-                    AnyConnection::Sqlite(_) => write_tx(conn, f)?,
+                let (result, committed) = match conn {
+                    // What a statement published, it committed, whatever `f` returns.
+                    AnyConnection::Postgresql(_) => (f(conn), true),
+                    AnyConnection::Sqlite(_) => {
+                        let result = write_tx(conn, f);
+                        let committed = result.is_ok();
+                        (result, committed)
+                    }
                 };
-                Ok::<_, E>((value, crate::outbox::take_published()))
+                let published = crate::outbox::take_published();
+                Ok::<_, E>((result, committed.then_some(published)))
             })
             .await?;
-        self.announce(published);
-        Ok(value)
+        if let Some(published) = published {
+            self.announce(published);
+        }
+        result
     }
 
     /// Runs `f` on a pooled connection outside any explicit transaction, off the
@@ -754,7 +762,6 @@ where
         }
         _ => Ok(value),
     });
-    drop(queue);
     let result = match result {
         Ok(value) => match Manager::commit_transaction(conn) {
             Ok(()) => Ok(value),
@@ -769,6 +776,9 @@ where
             .map_err(E::from)
             .and(Err(e)),
     };
+    if let Some(queue) = queue {
+        queue.close(result.is_ok());
+    }
     let hooks = scope.close();
     if result.is_ok() {
         for hook in hooks {

@@ -19,16 +19,17 @@ thread_local! {
 }
 
 thread_local! {
-    /// Events that the PostgreSQL write transaction running on this thread
-    /// (`db::write_tx`) publishes, appended to its outbox together just before it
-    /// commits (see `Publisher::publish`).
-    static QUEUED: std::cell::RefCell<Option<Queue>> = const { std::cell::RefCell::new(None) };
+    /// Events that the PostgreSQL write transactions running on this thread
+    /// (`db::write_tx`; more than one when a transaction on another connection is
+    /// nested in one) publish, each appended to its outbox together just before its
+    /// transaction commits (see `Publisher::publish`).
+    static QUEUED: std::cell::RefCell<Vec<Queue>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The events queued by one write transaction, on the connection it runs on.
 struct Queue {
-    /// That connection's address: an event published on another connection (a
-    /// transaction nested in this one, on the same thread) is not this one's.
+    /// That connection's address: an event published on another connection is not
+    /// this transaction's.
     conn: usize,
     envelopes: Vec<(&'static str, Envelope)>,
 }
@@ -37,68 +38,109 @@ fn address(conn: &PgConnection) -> usize {
     std::ptr::from_ref(conn) as usize
 }
 
-/// Where `write_tx` keeps a PostgreSQL transaction's queued events. The enclosing
-/// transaction's (another connection's, on this thread) are set aside meanwhile,
-/// and put back when this one closes or is dropped on a panic.
+/// `f` on the queue of `conn`'s transaction, if it has one.
+fn with_queue<T>(conn: usize, f: impl FnOnce(&mut Queue) -> T) -> Option<T> {
+    QUEUED.with(|q| {
+        q.borrow_mut()
+            .iter_mut()
+            .find(|queue| queue.conn == conn)
+            .map(f)
+    })
+}
+
+/// Where `write_tx` keeps a PostgreSQL transaction's queued events. A `write_tx`
+/// nested on the same connection (a savepoint) joins the enclosing one's queue:
+/// its events are appended with those, in publication order, and dropped if the
+/// savepoint rolls back.
 pub(crate) struct QueueScope {
-    outer: Option<Option<Queue>>,
+    conn: usize,
+    /// Whether this scope opened the queue (rather than joined an enclosing one).
+    owner: bool,
+    /// Where the joined queue stood when this scope opened.
+    mark: usize,
+    /// Whether the joined scope's work stays (its savepoint was released).
+    kept: bool,
 }
 
 impl QueueScope {
     pub(crate) fn open(conn: &PgConnection) -> Self {
-        let queue = Queue {
-            conn: address(conn),
-            envelopes: Vec::new(),
-        };
-        let outer = QUEUED.with(|q| q.replace(Some(queue)));
-        Self { outer: Some(outer) }
+        let conn = address(conn);
+        let mark = with_queue(conn, |queue| queue.envelopes.len());
+        if mark.is_none() {
+            QUEUED.with(|q| {
+                q.borrow_mut().push(Queue {
+                    conn,
+                    envelopes: Vec::new(),
+                });
+            });
+        }
+        Self {
+            conn,
+            owner: mark.is_none(),
+            mark: mark.unwrap_or(0),
+            kept: false,
+        }
     }
 
-    /// Appends what the transaction queued to `conn`'s outbox, in one statement;
-    /// the queue stays open (empty) until `close`.
+    /// Appends what the transaction queued to `conn`'s outbox, in one statement
+    /// (a joined scope leaves that to the enclosing transaction).
     pub(crate) fn flush(&self, conn: &mut PgConnection) -> QueryResult<()> {
-        let envelopes = QUEUED.with(|q| {
-            q.borrow_mut()
-                .as_mut()
-                .map(|queue| std::mem::take(&mut queue.envelopes))
-                .unwrap_or_default()
-        });
-        append_all(conn, envelopes)
+        if !self.owner {
+            return Ok(());
+        }
+        flush_queued(conn)
+    }
+
+    /// The transaction ended: committed (`kept`) or rolled back.
+    pub(crate) fn close(mut self, kept: bool) {
+        self.kept = kept;
     }
 }
 
 impl Drop for QueueScope {
     fn drop(&mut self) {
-        if let Some(outer) = self.outer.take() {
-            QUEUED.with(|q| q.replace(outer));
+        if self.owner {
+            QUEUED.with(|q| q.borrow_mut().retain(|queue| queue.conn != self.conn));
+        } else if !self.kept {
+            with_queue(self.conn, |queue| queue.envelopes.truncate(self.mark));
         }
     }
 }
 
-/// How many events this thread's write transaction has queued: a mark, for a
-/// savepoint, to `forget_queued` back to.
-pub fn queued_mark() -> usize {
-    QUEUED.with(|q| q.borrow().as_ref().map_or(0, |queue| queue.envelopes.len()))
+/// Appends what `conn`'s transaction has queued so far, if anything.
+fn flush_queued(conn: &mut PgConnection) -> QueryResult<()> {
+    let envelopes = with_queue(address(conn), |queue| std::mem::take(&mut queue.envelopes));
+    append_all(conn, envelopes.unwrap_or_default())
 }
 
-/// Drops the events queued since `mark` (their savepoint rolled back).
-pub fn forget_queued(mark: usize) {
-    QUEUED.with(|q| {
-        if let Some(queue) = q.borrow_mut().as_mut() {
-            queue.envelopes.truncate(mark);
+/// How many events `conn`'s write transaction has queued: a mark, for a savepoint,
+/// to `forget_queued` back to.
+pub fn queued_mark(conn: &AnyConnection) -> usize {
+    match conn {
+        AnyConnection::Postgresql(c) => {
+            with_queue(address(c), |queue| queue.envelopes.len()).unwrap_or(0)
         }
-    });
+        AnyConnection::Sqlite(_) => 0,
+    }
+}
+
+/// Drops the events `conn`'s transaction queued since `mark` (their savepoint
+/// rolled back).
+pub fn forget_queued(conn: &AnyConnection, mark: usize) {
+    if let AnyConnection::Postgresql(c) = conn {
+        with_queue(address(c), |queue| queue.envelopes.truncate(mark));
+    }
 }
 
 /// Queues `envelope` if `conn` is running a `write_tx`; otherwise hands it back.
 fn queue(conn: &PgConnection, name: &'static str, envelope: Envelope) -> Option<Envelope> {
-    QUEUED.with(|q| match q.borrow_mut().as_mut() {
-        Some(queue) if queue.conn == address(conn) => {
+    let mut envelope = Some(envelope);
+    with_queue(address(conn), |queue| {
+        if let Some(envelope) = envelope.take() {
             queue.envelopes.push((name, envelope));
-            None
         }
-        _ => Some(envelope),
-    })
+    });
+    envelope
 }
 
 /// Appends `envelopes` to the outbox, numbered in their order, with one statement
@@ -121,10 +163,8 @@ pub(crate) fn append_queued_after<W: QueryFragment<Pg> + QueryId>(
     conn: &mut PgConnection,
     writes: &W,
 ) -> QueryResult<bool> {
-    let envelopes = QUEUED.with(|q| match q.borrow_mut().as_mut() {
-        Some(queue) if queue.conn == address(conn) => std::mem::take(&mut queue.envelopes),
-        _ => Vec::new(),
-    });
+    let envelopes =
+        with_queue(address(conn), |queue| std::mem::take(&mut queue.envelopes)).unwrap_or_default();
     if envelopes.is_empty() {
         return Ok(false);
     }
@@ -323,6 +363,8 @@ impl Publisher {
         let mut envelope = self.envelope(aggregate_id, event)?;
         match conn {
             AnyConnection::Postgresql(c) => {
+                // Numbered after what the transaction published before it.
+                flush_queued(c)?;
                 let row = OutboxRow::from_envelope(&envelope);
                 envelope.sequence = AppendPg::<NoWrites> {
                     writes: None,
@@ -387,6 +429,8 @@ impl Publisher {
         event: &E,
     ) -> QueryResult<Envelope> {
         let mut envelope = self.envelope(aggregate_id, event)?;
+        // Numbered after what a transaction around it published before it.
+        flush_queued(conn)?;
         let row = OutboxRow::from_envelope(&envelope);
         envelope.sequence = AppendPg {
             writes: Some(&writes),
@@ -398,8 +442,21 @@ impl Publisher {
     }
 }
 
-/// The statement before the outbox's own: none, or a module's writes.
-type NoWrites = ();
+/// No writes before the outbox's own statement. A type of its own, used with
+/// `writes: None` only, so that the statement without writes never shares its
+/// prepared-statement key (`QueryId`) with one that has them.
+struct NoWrites;
+
+impl QueryId for NoWrites {
+    type QueryId = Self;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl QueryFragment<Pg> for NoWrites {
+    fn walk_ast<'b>(&'b self, _out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        Ok(())
+    }
+}
 
 /// PostgreSQL: takes the next number from the outbox's sequence and appends the row
 /// in one statement (one round trip, prepared once per connection), after the

@@ -663,13 +663,13 @@ async fn a_transaction_appends_its_events_in_the_order_published(test_db: TestDa
                 if n == first + 1 {
                     // A savepoint that publishes and rolls back, as a consumer's
                     // failed attempt does.
-                    let mark = outbox::queued_mark();
+                    let mark = outbox::queued_mark(conn);
                     let undone = conn.transaction::<(), _, _>(|conn| {
                         publisher.publish(conn, "a", &ThingHappened { n: -2 })?;
                         Err(diesel::result::Error::RollbackTransaction)
                     });
                     assert!(undone.is_err());
-                    outbox::forget_queued(mark);
+                    outbox::forget_queued(conn, mark);
                 }
             }
             let stored_yet = outbox::last_sequence(conn)?;
@@ -705,6 +705,50 @@ async fn a_transaction_appends_its_events_in_the_order_published(test_db: TestDa
         );
         assert_eq!(appending.len(), 1, "{appending:?}");
     }
+}
+
+/// Publication order holds within a transaction whatever appends when: an event
+/// appended at once comes after those queued before it, and a write transaction
+/// nested on the same connection (a savepoint) joins the queue, which keeps its
+/// events if it commits and drops them if it rolls back.
+async fn publication_order_holds_across_savepoints_and_immediate_appends(test_db: TestDatabase) {
+    let s = setup(&test_db);
+    let mut conn = s.producer.pool().get().unwrap();
+    let publisher = Publisher::new("alpha", Uuid::now_v7(), None);
+    let thing = |n| ThingHappened { n };
+    write_tx(&mut conn, |conn| {
+        publisher.publish(conn, "k", &thing(1))?;
+        let now = publisher.publish_now(conn, "k", &thing(2))?;
+        assert_eq!(now.sequence, 2, "appended after the event queued before it");
+        // A nested `write_tx` (SQLite, whose write transactions begin with
+        // `BEGIN IMMEDIATE`, takes a savepoint of diesel's instead).
+        fn nested(
+            conn: &mut AnyConnection,
+            f: impl FnOnce(&mut AnyConnection) -> QueryResult<()>,
+        ) -> QueryResult<()> {
+            match conn {
+                AnyConnection::Postgresql(_) => write_tx(conn, f),
+                AnyConnection::Sqlite(_) => conn.transaction(f),
+            }
+        }
+        nested(conn, |conn| publisher.publish(conn, "k", &thing(3)))?;
+        let undone = nested(conn, |conn| {
+            publisher.publish(conn, "k", &thing(-1))?;
+            Err(diesel::result::Error::RollbackTransaction)
+        });
+        assert!(undone.is_err());
+        publisher.publish(conn, "k", &thing(4))
+    })
+    .unwrap();
+    let stored: Vec<(i64, i64)> = outbox::read_after(&mut conn, "alpha", 0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.sequence, e.payload["n"].as_i64().unwrap())
+        })
+        .collect();
+    assert_eq!(stored, [(1, 1), (2, 2), (3, 3), (4, 4)]);
 }
 
 /// The events a consumer acts on when it passes `NoiseHappened` by.
@@ -2084,6 +2128,7 @@ on_both_backends!(
     a_failing_pass_waits_its_backoff_locally,
     a_rolled_back_transaction_publishes_nothing,
     a_transaction_appends_its_events_in_the_order_published,
+    publication_order_holds_across_savepoints_and_immediate_appends,
     a_pass_appends_what_its_handlers_published_with_its_position,
     two_bus_instances_never_handle_the_same_event_at_once,
     replicas_keep_key_order_through_retries,

@@ -317,7 +317,7 @@ impl ConsumerEngine {
         let span = self.span(event);
         let _entered = span.enter();
         let hooks = crate::db::after_commit_mark();
-        let queued = crate::outbox::queued_mark();
+        let queued = crate::outbox::queued_mark(conn);
         let result = conn.transaction::<_, Undo, _>(|conn| {
             let recorded = diesel::insert_into(colony_inbox::table)
                 .values((
@@ -344,7 +344,7 @@ impl ConsumerEngine {
             // and what it published is neither appended nor handed to a relay nor
             // kept.
             crate::db::forget_after_commit(hooks);
-            crate::outbox::forget_queued(queued);
+            crate::outbox::forget_queued(conn, queued);
             crate::outbox::forget_kept();
         }
         match result {
