@@ -152,7 +152,7 @@ fn append_all(
     if envelopes.is_empty() {
         return Ok(());
     }
-    append_all_after::<NoWrites>(conn, None, envelopes).map(drop)
+    append_all_after::<NoWrites>(conn, None, envelopes)
 }
 
 /// Where `conn` runs a `write_tx` that has queued events: runs `writes` and appends
@@ -172,13 +172,11 @@ pub(crate) fn append_queued_after<W: QueryFragment<Pg> + QueryId>(
     Ok(true)
 }
 
-/// Runs `writes` if any and appends `envelopes`, numbered in their order, in one
-/// statement; records them as published and returns them with their numbers.
 fn append_all_after<W: QueryFragment<Pg> + QueryId>(
     conn: &mut PgConnection,
     writes: Option<&W>,
     mut envelopes: Vec<(&'static str, Envelope)>,
-) -> QueryResult<Vec<(&'static str, Envelope)>> {
+) -> QueryResult<()> {
     let rows = AppendAllPg {
         writes,
         events: EventColumns::of(envelopes.iter().map(|(_, e)| e)),
@@ -194,14 +192,7 @@ fn append_all_after<W: QueryFragment<Pg> + QueryId>(
         })?;
         note_published(name, envelope);
     }
-    Ok(envelopes)
-}
-
-/// The one event `append_all_after` was given, numbered.
-fn only(mut numbered: Vec<(&'static str, Envelope)>) -> QueryResult<Envelope> {
-    numbered.pop().map(|(_, envelope)| envelope).ok_or_else(|| {
-        diesel::result::Error::QueryBuilderError("no event was appended to the outbox".into())
-    })
+    Ok(())
 }
 
 /// Whether committed envelopes are kept, for a relay or the local readers of this
@@ -370,19 +361,24 @@ impl Publisher {
         event: &E,
     ) -> QueryResult<Envelope> {
         let mut envelope = self.envelope(aggregate_id, event)?;
-        if let AnyConnection::Postgresql(c) = conn {
-            // Numbered after what the transaction published before it.
-            flush_queued(c)?;
-            return only(append_all_after::<NoWrites>(
-                c,
-                None,
-                vec![(E::NAME, envelope)],
-            )?);
+        match conn {
+            AnyConnection::Postgresql(c) => {
+                // Numbered after what the transaction published before it.
+                flush_queued(c)?;
+                let row = OutboxRow::from_envelope(&envelope);
+                envelope.sequence = AppendPg::<NoWrites> {
+                    writes: None,
+                    row: &row,
+                }
+                .get_result(c)?;
+            }
+            AnyConnection::Sqlite(_) => {
+                envelope.sequence = next_sequence(conn)?;
+                diesel::insert_into(colony_outbox::table)
+                    .values(OutboxRow::from_envelope(&envelope))
+                    .execute(conn)?;
+            }
         }
-        envelope.sequence = next_sequence(conn)?;
-        diesel::insert_into(colony_outbox::table)
-            .values(OutboxRow::from_envelope(&envelope))
-            .execute(conn)?;
         note_published(E::NAME, &envelope);
         Ok(envelope)
     }
@@ -421,7 +417,7 @@ impl Publisher {
     /// `name AS (INSERT …)`, none of them named `colony_tx` (PostgreSQL accepts
     /// data-modifying statements only at the top of a `WITH`, so they cannot be
     /// nested). All of them run, whether read or not. Give it a fixed text (see
-    /// `AppendAllPg`) and the whole statement is prepared once per connection.
+    /// `AppendPg`) and the whole statement is prepared once per connection.
     ///
     /// What `publish` says about row locks holds here as well: `writes` creates or
     /// locks the aggregate.
@@ -432,14 +428,17 @@ impl Publisher {
         aggregate_id: &str,
         event: &E,
     ) -> QueryResult<Envelope> {
-        let envelope = self.envelope(aggregate_id, event)?;
+        let mut envelope = self.envelope(aggregate_id, event)?;
         // Numbered after what a transaction around it published before it.
         flush_queued(conn)?;
-        only(append_all_after(
-            conn,
-            Some(&writes),
-            vec![(E::NAME, envelope)],
-        )?)
+        let row = OutboxRow::from_envelope(&envelope);
+        envelope.sequence = AppendPg {
+            writes: Some(&writes),
+            row: &row,
+        }
+        .get_result(conn)?;
+        note_published(E::NAME, &envelope);
+        Ok(envelope)
     }
 }
 
@@ -459,12 +458,69 @@ impl QueryFragment<Pg> for NoWrites {
     }
 }
 
+/// PostgreSQL: takes the next number from the outbox's sequence and appends the row
+/// in one statement (one round trip, prepared once per connection), after the
+/// module's own `writes` if any (`Publisher::publish_with`); returns the number. No
+/// lock is held until commit, so publishers commit together; numbers follow
+/// publication order, and may become visible out of order (see `Gaps`).
+struct AppendPg<'a, W> {
+    writes: Option<&'a W>,
+    row: &'a OutboxRow,
+}
+
+impl<W: QueryId> QueryId for AppendPg<'_, W> {
+    type QueryId = AppendPg<'static, W::QueryId>;
+    const HAS_STATIC_QUERY_ID: bool = W::HAS_STATIC_QUERY_ID;
+}
+
+impl<W> Query for AppendPg<'_, W> {
+    type SqlType = BigInt;
+}
+
+impl<W> RunQueryDsl<PgConnection> for AppendPg<'_, W> {}
+
+impl<W: QueryFragment<Pg>> QueryFragment<Pg> for AppendPg<'_, W> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let row = self.row;
+        // The transaction's id is taken before the number (the materialised CTE is
+        // read before the outer select runs): a reader that sees a later number can
+        // then tell, from transaction ids, when this one's number is settled.
+        out.push_sql("WITH ");
+        if let Some(writes) = self.writes {
+            writes.walk_ast(out.reborrow())?;
+            out.push_sql(", ");
+        }
+        out.push_sql(
+            "colony_tx AS MATERIALIZED (SELECT pg_current_xact_id()) \
+             INSERT INTO colony_outbox (sequence, event_id, name, aggregate_id, occurred_at, \
+             correlation_id, causation_id, traceparent, payload) \
+             SELECT nextval('colony_outbox_sequence'), ",
+        );
+        out.push_bind_param::<Text, _>(&row.event_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.name)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.aggregate_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamp, _>(&row.occurred_at)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.correlation_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&row.causation_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Nullable<Text>, _>(&row.traceparent)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(&row.payload)?;
+        out.push_sql(" FROM colony_tx RETURNING sequence");
+        Ok(())
+    }
+}
+
 /// PostgreSQL: appends a transaction's queued events, numbered from the outbox's
 /// sequence in the order given, in one statement (one text for any number of
 /// events, so prepared once per connection), after `writes` if any (common table
 /// expressions, as for `Publisher::publish_with`); returns each event's id and
-/// number. No lock is held until commit, so publishers commit together; numbers
-/// follow publication order, and may become visible out of order (see `Gaps`).
+/// number. The transaction's id is taken before the numbers, as in `AppendPg`.
 struct AppendAllPg<'a, W> {
     /// A module's or the bus's own writes, run in the same statement.
     writes: Option<&'a W>,
@@ -529,11 +585,8 @@ impl<W: QueryFragment<Pg>> QueryFragment<Pg> for AppendAllPg<'_, W> {
             writes.walk_ast(out.reborrow())?;
             out.push_sql(", ");
         }
-        // The transaction's id is taken before the numbers (the materialised CTE is
-        // read before the outer select runs): a reader that sees a later number can
-        // then tell, from transaction ids, when this one's number is settled. The
-        // inner select is sorted and kept apart (OFFSET 0), so the numbers are drawn
-        // in the order the events were published.
+        // The inner select is sorted and kept apart (OFFSET 0), so the numbers are
+        // drawn in the order the events were published.
         out.push_sql(
             "colony_tx AS MATERIALIZED (SELECT pg_current_xact_id()) \
              INSERT INTO colony_outbox (sequence, event_id, name, aggregate_id, occurred_at, \
@@ -568,7 +621,7 @@ impl<W: QueryFragment<Pg>> QueryFragment<Pg> for AppendAllPg<'_, W> {
 
 /// The next sequence of this module's outbox, on SQLite.
 ///
-/// PostgreSQL takes numbers from a sequence instead (`AppendAllPg`), and readers wait
+/// PostgreSQL takes numbers from a sequence instead (`AppendPg`), and readers wait
 /// at gaps (`Gaps`). SQLite's write transactions (`BEGIN IMMEDIATE`) are
 /// serialised already, so the largest sequence plus one is safe and writes no page
 /// besides the new row's. (Outbox pruning must therefore keep the newest row.)
