@@ -566,15 +566,7 @@ impl Db {
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
         F: FnOnce(&mut AnyConnection) -> Result<T, E> + Send + 'static,
     {
-        let (value, published) = self
-            .on_write_turn(move |conn| {
-                crate::outbox::take_published();
-                let value = write_tx(conn, f)?;
-                Ok::<_, E>((value, crate::outbox::take_published()))
-            })
-            .await?;
-        self.announce(published);
-        Ok(value)
+        self.write_announcing(f, false).await
     }
 
     /// As `write`, except that on PostgreSQL `f` runs outside an explicit
@@ -590,13 +582,24 @@ impl Db {
         E: From<DbError> + From<diesel::result::Error> + Send + 'static,
         F: FnOnce(&mut AnyConnection) -> Result<T, E> + Send + 'static,
     {
+        self.write_announcing(f, true).await
+    }
+
+    /// `write` and `write_single` (`single`): runs `f`, and wakes the readers of
+    /// this module's outbox if what it published committed.
+    async fn write_announcing<T, E, F>(&self, f: F, single: bool) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<DbError> + From<diesel::result::Error> + Send + 'static,
+        F: FnOnce(&mut AnyConnection) -> Result<T, E> + Send + 'static,
+    {
         let (result, published) = self
             .on_write_turn(move |conn| {
                 crate::outbox::take_published();
                 let (result, committed) = match conn {
                     // What a statement published, it committed, whatever `f` returns.
-                    AnyConnection::Postgresql(_) => (f(conn), true),
-                    AnyConnection::Sqlite(_) => {
+                    AnyConnection::Postgresql(_) if single => (f(conn), true),
+                    _ => {
                         let result = write_tx(conn, f);
                         let committed = result.is_ok();
                         (result, committed)

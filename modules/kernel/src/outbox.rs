@@ -134,13 +134,16 @@ pub fn forget_queued(conn: &AnyConnection, mark: usize) {
 
 /// Queues `envelope` if `conn` is running a `write_tx`; otherwise hands it back.
 fn queue(conn: &PgConnection, name: &'static str, envelope: Envelope) -> Option<Envelope> {
-    let mut envelope = Some(envelope);
-    with_queue(address(conn), |queue| {
-        if let Some(envelope) = envelope.take() {
-            queue.envelopes.push((name, envelope));
-        }
-    });
-    envelope
+    let conn = address(conn);
+    QUEUED.with(
+        |q| match q.borrow_mut().iter_mut().find(|queue| queue.conn == conn) {
+            Some(queue) => {
+                queue.envelopes.push((name, envelope));
+                None
+            }
+            None => Some(envelope),
+        },
+    )
 }
 
 /// Appends `envelopes` to the outbox, numbered in their order, with one statement
