@@ -192,6 +192,8 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
     let stock_product = create_product(&rig, &seller, "BENCH-STOCK", 10_000_000).await?;
     let estimate = (raw_many.max(raw_one) * 0.6 * args.seconds).clamp(2_000.0, 20_000.0) as usize;
     let customers = fill_carts(&rig, &stock_product, "b", estimate, args.clients).await?;
+    // On stderr, for whoever watches a phase from outside (a profiler, say).
+    eprintln!("(b) placing now");
     let (placed, elapsed) = place_all(
         &rig,
         &customers,
@@ -245,6 +247,7 @@ async fn run(backend: &str, db: TestDatabase, args: &Args) -> Result<()> {
     let customers = fill_carts(&rig, &stock_product, "c", count, args.clients).await?;
     // What (b) and the carts' filling left behind is done first.
     support::quiet().await;
+    eprintln!("(c) placing now");
     let (placed, busy) = support::busy_cores_during(paced(&rig, &customers, pace)).await;
     let placed = placed?;
     settle(&rig, &placed).await?;
