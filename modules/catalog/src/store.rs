@@ -367,29 +367,39 @@ mod tests {
         assert_eq!(setting.len(), 1, "{setting:?}");
     }
 
+    fn insert_product(
+        conn: &mut AnyConnection,
+        sku: &str,
+        price: i64,
+        on_hand: i64,
+    ) -> QueryResult<usize> {
+        use crate::schema::products as p;
+        let now = kernel::time::now();
+        diesel::insert_into(p::table)
+            .values((
+                p::id.eq(format!("product-{sku}")),
+                p::sku.eq(sku),
+                p::seller_id.eq("seller"),
+                p::name.eq(sku),
+                p::description.eq(Some("")),
+                p::price_minor.eq(price),
+                p::currency.eq("EUR"),
+                p::on_hand.eq(on_hand),
+                p::reserved.eq(0_i64),
+                p::listed.eq(true),
+                p::created_at.eq(now),
+                p::updated_at.eq(now),
+            ))
+            .execute(conn)
+    }
+
     /// A reservation line and the stock it takes are written together: by one
     /// statement, prepared once, on PostgreSQL.
     fn reserving_a_line_writes_stock_and_reservation(conn: &mut AnyConnection) {
         use crate::schema::products as p;
         let now = kernel::time::now();
         for (sku, on_hand) in [("A", 10), ("B", 3)] {
-            diesel::insert_into(p::table)
-                .values((
-                    p::id.eq(format!("product-{sku}")),
-                    p::sku.eq(sku),
-                    p::seller_id.eq("seller"),
-                    p::name.eq(sku),
-                    p::description.eq(Some("")),
-                    p::price_minor.eq(100_i64),
-                    p::currency.eq("EUR"),
-                    p::on_hand.eq(on_hand),
-                    p::reserved.eq(0_i64),
-                    p::listed.eq(true),
-                    p::created_at.eq(now),
-                    p::updated_at.eq(now),
-                ))
-                .execute(conn)
-                .unwrap();
+            insert_product(conn, sku, 100, on_hand).unwrap();
         }
         for (product, quantity) in [("product-A", 4), ("product-B", 3)] {
             let row = ReservationRow {
@@ -437,5 +447,64 @@ mod tests {
         reserving_a_line_writes_stock_and_reservation(&mut conn);
         let reserving = prepared_statements(&mut conn, "WITH stocked AS (UPDATE products");
         assert_eq!(reserving.len(), 1, "{reserving:?}");
+    }
+
+    /// Whatever the code above it does, the database keeps stock within bounds (no
+    /// negative units, no more reserved than on hand), prices not negative and
+    /// reservations of known status and at least one unit. (On PostgreSQL the
+    /// single-column rules are domains, on SQLite column checks.)
+    fn values_out_of_bounds_are_refused(conn: &mut AnyConnection) {
+        use crate::schema::products as p;
+        let now = kernel::time::now();
+        assert!(insert_product(conn, "NEGATIVE", -1, 3).is_err());
+        assert!(insert_product(conn, "NONE", 100, -1).is_err());
+        insert_product(conn, "A", 100, 3).unwrap();
+        for (on_hand, reserved) in [(-1, 0), (3, -1), (3, 4)] {
+            let stock = Stock { on_hand, reserved };
+            assert!(
+                set_stock(conn, "product-A", stock, now).is_err(),
+                "{stock:?}"
+            );
+        }
+        let line = |quantity: i64, status: &str| ReservationRow {
+            order_id: "order-1".into(),
+            product_id: "product-A".into(),
+            quantity,
+            status: status.into(),
+            created_at: now,
+            updated_at: now,
+        };
+        let within = Stock {
+            on_hand: 3,
+            reserved: 1,
+        };
+        for refused in [line(0, "reserved"), line(1, "lost")] {
+            // In a transaction, as a consumer's pass runs it (on SQLite it is two
+            // statements).
+            let reserved = kernel::db::write_tx(conn, |conn| reserve_line(conn, within, &refused));
+            assert!(reserved.is_err(), "{refused:?}");
+        }
+        let stocks: Vec<(i64, i64)> = p::table
+            .select((p::on_hand, p::reserved))
+            .load(conn)
+            .unwrap();
+        assert_eq!(stocks, [(3, 0)], "nothing of the refused writes");
+        reserve_line(conn, within, &line(1, "reserved")).unwrap();
+        assert_eq!(lock(conn, "product-A").unwrap().unwrap().stock(), within);
+    }
+
+    #[test]
+    fn values_out_of_bounds_are_refused_on_sqlite() {
+        let db = kernel::testing::TestDatabase::sqlite();
+        let pool = kernel::testing::migrated_pool(&db, crate::MODULE, crate::SPEC.migrations);
+        values_out_of_bounds_are_refused(&mut pool.get().unwrap());
+    }
+
+    #[test]
+    fn values_out_of_bounds_are_refused_on_postgres() {
+        let Some((_db, pool)) = postgres_pool(crate::MODULE, crate::SPEC.migrations) else {
+            return;
+        };
+        values_out_of_bounds_are_refused(&mut pool.get().unwrap());
     }
 }

@@ -670,6 +670,40 @@ mod tests {
         assert_eq!(placing.len(), 1, "{placing:?}");
     }
 
+    /// The database refuses an order in an unknown state, a negative total and an
+    /// empty line, whatever the code above it does: the placement writes nothing.
+    /// (On PostgreSQL these are domains, on SQLite column checks.)
+    fn values_out_of_bounds_are_refused(conn: &mut AnyConnection) {
+        let mut unknown = placement("key-status", 1);
+        unknown.1.status = "lost".into();
+        let mut negative = placement("key-total", 1);
+        negative.1.total_minor = -1;
+        let mut empty = placement("key-line", 1);
+        empty.2[0].quantity = 0;
+        for refused in [unknown, negative, empty] {
+            let error = place_outside_a_transaction(conn, &refused).unwrap_err();
+            assert!(!is_unique_violation(&error), "{error:?}");
+        }
+        assert_eq!(counts(conn), (0, 0, 0, 0));
+        place_outside_a_transaction(conn, &placement("key-ok", 1)).unwrap();
+        assert_eq!(counts(conn), (1, 1, 1, 1));
+    }
+
+    #[test]
+    fn values_out_of_bounds_are_refused_on_sqlite() {
+        let db = TestDatabase::sqlite();
+        let pool = migrated_pool(&db, crate::MODULE, crate::SPEC.migrations);
+        values_out_of_bounds_are_refused(&mut pool.get().unwrap());
+    }
+
+    #[test]
+    fn values_out_of_bounds_are_refused_on_postgres() {
+        let Some((_db, pool)) = postgres_pool(crate::MODULE, crate::SPEC.migrations) else {
+            return;
+        };
+        values_out_of_bounds_are_refused(&mut pool.get().unwrap());
+    }
+
     /// On PostgreSQL an order's state is written by one statement that a session
     /// prepares once and runs again for the next order.
     #[test]

@@ -195,3 +195,64 @@ pub fn idle_since(
         .select(shipments::id)
         .load(conn)
 }
+
+#[cfg(test)]
+mod tests {
+    use kernel::testing::{TestDatabase, migrated_pool, postgres_pool};
+
+    use super::*;
+
+    fn shipment(order_id: &str, status: &str) -> ShipmentRow {
+        let now = kernel::time::now();
+        ShipmentRow {
+            id: format!("shipment-of-{order_id}"),
+            order_id: order_id.into(),
+            customer_id: "customer-1".into(),
+            status: status.into(),
+            name: "Ada".into(),
+            line1: "1 Main St".into(),
+            city: "Lyon".into(),
+            postal_code: "69001".into(),
+            country: "FR".into(),
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    /// Whatever the code above it does, the database holds no shipment in a status
+    /// it does not know. (On PostgreSQL a domain, on SQLite a column check.)
+    fn an_unknown_status_is_refused(conn: &mut AnyConnection) {
+        let refused = kernel::db::write_tx(conn, |conn| insert(conn, &shipment("order-1", "lost")));
+        assert!(refused.is_err(), "{refused:?}");
+        let count = |conn: &mut AnyConnection| -> (i64, i64) {
+            (
+                shipments::table.count().get_result(conn).unwrap(),
+                shipment_events::table.count().get_result(conn).unwrap(),
+            )
+        };
+        assert_eq!(count(conn), (0, 0));
+        assert!(insert(conn, &shipment("order-1", "preparing")).unwrap());
+        assert_eq!(count(conn), (1, 1));
+        let refused = set_status(conn, "shipment-of-order-1", "lost", kernel::time::now());
+        assert!(refused.is_err(), "{refused:?}");
+        assert_eq!(
+            find(conn, "shipment-of-order-1").unwrap().unwrap().status,
+            "preparing"
+        );
+    }
+
+    #[test]
+    fn an_unknown_status_is_refused_on_sqlite() {
+        let db = TestDatabase::sqlite();
+        let pool = migrated_pool(&db, crate::MODULE, crate::SPEC.migrations);
+        an_unknown_status_is_refused(&mut pool.get().unwrap());
+    }
+
+    #[test]
+    fn an_unknown_status_is_refused_on_postgres() {
+        let Some((_db, pool)) = postgres_pool(crate::MODULE, crate::SPEC.migrations) else {
+            return;
+        };
+        an_unknown_status_is_refused(&mut pool.get().unwrap());
+    }
+}
