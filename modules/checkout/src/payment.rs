@@ -9,6 +9,10 @@ use std::time::Duration;
 use chrono::NaiveDateTime;
 use contracts::Money;
 use contracts::checkout::{OrderCancelled, OrderConfirmed, OrderRejected};
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{Array, BigInt, Text, Timestamp};
+use diesel::{QueryResult, RunQueryDsl};
 use kernel::bus::BoxFuture;
 use kernel::db::DbError;
 use kernel::resilience::CircuitBreaker;
@@ -305,29 +309,23 @@ fn charge_all(
         }
         AnyConnection::Postgresql(pg) => pg,
     };
-    let now = kernel::time::now();
     let ids: Vec<String> = requests.iter().map(|r| r.order_id.to_string()).collect();
-    let entries: Vec<_> = requests
-        .iter()
-        .zip(&ids)
-        .map(|(request, id)| {
-            (
-                c::order_id.eq(id),
-                c::amount_minor.eq(request.amount.amount_minor),
-                c::currency.eq(&request.amount.currency),
-                c::outcome.eq(outcome_of_token(&request.token)),
-                c::refunded.eq(false),
-                c::created_at.eq(now),
-            )
-        })
-        .collect();
-    let created: HashSet<String> = diesel::insert_into(c::table)
-        .values(entries)
-        .on_conflict_do_nothing()
-        .returning(c::order_id)
-        .get_results::<String>(pg)?
-        .into_iter()
-        .collect();
+    let created: HashSet<String> = NewChargesPg {
+        order_ids: &ids,
+        amounts: requests.iter().map(|r| r.amount.amount_minor).collect(),
+        currencies: requests
+            .iter()
+            .map(|r| r.amount.currency.as_str())
+            .collect(),
+        outcomes: requests
+            .iter()
+            .map(|r| outcome_of_token(&r.token))
+            .collect(),
+        at: kernel::time::now(),
+    }
+    .load::<String>(pg)?
+    .into_iter()
+    .collect();
     // An order named twice in the batch (a step retried while its first call was
     // queued) has its entry read back: which of its rows went in is the table's to say.
     let mut named = HashMap::<&String, usize>::new();
@@ -358,6 +356,51 @@ fn charge_all(
             charge_outcome(outcome)
         })
         .collect())
+}
+
+/// PostgreSQL: a batch's new ledger entries, from arrays, returning the orders whose
+/// entry went in (an order charged before keeps its entry). One text for any
+/// number of charges, so that the statement is prepared once per connection: diesel
+/// writes a multi-row insert anew for each count of rows, and the server plans it
+/// anew each time.
+struct NewChargesPg<'a> {
+    order_ids: &'a [String],
+    amounts: Vec<i64>,
+    currencies: Vec<&'a str>,
+    outcomes: Vec<&'static str>,
+    at: NaiveDateTime,
+}
+
+impl QueryId for NewChargesPg<'_> {
+    type QueryId = NewChargesPg<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for NewChargesPg<'_> {
+    type SqlType = Text;
+}
+
+impl RunQueryDsl<diesel::PgConnection> for NewChargesPg<'_> {}
+
+impl QueryFragment<Pg> for NewChargesPg<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(
+            "INSERT INTO test_gateway_charges \
+             (order_id, amount_minor, currency, outcome, refunded, created_at) \
+             SELECT charge.*, false, ",
+        );
+        out.push_bind_param::<Timestamp, _>(&self.at)?;
+        out.push_sql(" FROM unnest(");
+        out.push_bind_param::<Array<Text>, _>(self.order_ids)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<BigInt>, _>(&self.amounts)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.currencies)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Array<Text>, _>(&self.outcomes)?;
+        out.push_sql(") AS charge ON CONFLICT DO NOTHING RETURNING order_id");
+        Ok(())
+    }
 }
 
 fn outcome_of_token(token: &str) -> &'static str {
@@ -827,7 +870,7 @@ fn publish_outcome(
 mod tests {
     use kernel::db::Backend;
     use kernel::on_both_backends;
-    use kernel::testing::{TestDatabase, migrated_pool};
+    use kernel::testing::{TestDatabase, migrated_pool, postgres_pool, prepared_statements};
 
     use super::*;
 
@@ -918,6 +961,35 @@ mod tests {
     }
 
     on_both_backends!(concurrent_charges_are_recorded_once_per_order);
+
+    /// On PostgreSQL a batch of charges, whatever its size, is one statement that a
+    /// session prepares once.
+    #[test]
+    fn charges_are_one_prepared_statement_on_postgres() {
+        let Some((_db, pool)) = postgres_pool(crate::MODULE, crate::SPEC.migrations) else {
+            return;
+        };
+        let mut conn = pool.get().unwrap();
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let first = charge_all(&mut conn, &[request(a, "tok_ok")]).unwrap();
+        assert_eq!(first, [ChargeOutcome::Succeeded]);
+        let batch = [
+            request(b, "tok_decline"),
+            request(a, "tok_decline"),
+            request(c, "tok_ok"),
+            request(c, "tok_decline"),
+        ];
+        let outcomes = charge_all(&mut conn, &batch).unwrap();
+        assert_eq!(outcomes[0], charge_outcome("declined"));
+        assert_eq!(
+            outcomes[1],
+            ChargeOutcome::Succeeded,
+            "a's first charge stands"
+        );
+        assert_eq!(outcomes[2], outcomes[3], "one entry for c, one answer");
+        let charging = prepared_statements(&mut conn, "INSERT INTO test_gateway_charges");
+        assert_eq!(charging.len(), 1, "{charging:?}");
+    }
 
     #[test]
     fn given_failures_when_retried_then_the_wait_doubles_up_to_the_cap() {
