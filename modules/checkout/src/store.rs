@@ -526,7 +526,9 @@ pub fn is_unique_violation(e: &diesel::result::Error) -> bool {
 mod tests {
     use contracts::Money;
     use contracts::checkout::{Address, OrderLine};
-    use kernel::testing::{TestDatabase, migrated_pool, postgres_pool, prepared_statements};
+    use kernel::testing::{
+        TestDatabase, migrated_pool, postgres_pool, prepared_statements, refused_by_a_check,
+    };
 
     use super::*;
 
@@ -670,8 +672,9 @@ mod tests {
         assert_eq!(placing.len(), 1, "{placing:?}");
     }
 
-    /// The database refuses an order in an unknown state, a negative total and an
-    /// empty line, whatever the code above it does: the placement writes nothing.
+    /// The database refuses an order in an unknown state, a negative total, an empty
+    /// line and a charge of unknown outcome, whatever the code above it does: a
+    /// refused placement writes nothing.
     /// (On PostgreSQL these are domains, on SQLite column checks.)
     fn values_out_of_bounds_are_refused(conn: &mut AnyConnection) {
         let mut unknown = placement("key-status", 1);
@@ -681,12 +684,29 @@ mod tests {
         let mut empty = placement("key-line", 1);
         empty.2[0].quantity = 0;
         for refused in [unknown, negative, empty] {
-            let error = place_outside_a_transaction(conn, &refused).unwrap_err();
-            assert!(!is_unique_violation(&error), "{error:?}");
+            let placed = place_outside_a_transaction(conn, &refused);
+            assert!(refused_by_a_check(&placed), "{placed:?}");
         }
         assert_eq!(counts(conn), (0, 0, 0, 0));
         place_outside_a_transaction(conn, &placement("key-ok", 1)).unwrap();
         assert_eq!(counts(conn), (1, 1, 1, 1));
+        // The test gateway's ledger knows two outcomes.
+        let charge = |conn: &mut AnyConnection, outcome: &str| {
+            use crate::schema::test_gateway_charges as c;
+            diesel::insert_into(c::table)
+                .values((
+                    c::order_id.eq(format!("order-{outcome}")),
+                    c::amount_minor.eq(250_i64),
+                    c::currency.eq("EUR"),
+                    c::outcome.eq(outcome.to_string()),
+                    c::refunded.eq(false),
+                    c::created_at.eq(kernel::time::now()),
+                ))
+                .execute(conn)
+        };
+        let unknown = charge(conn, "lost");
+        assert!(refused_by_a_check(&unknown), "{unknown:?}");
+        assert_eq!(charge(conn, "declined").unwrap(), 1);
     }
 
     #[test]

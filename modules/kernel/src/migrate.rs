@@ -12,7 +12,8 @@ use crate::db::{AnyConnection, DbError};
 const KERNEL_SQLITE: EmbeddedMigrations = embed_migrations!("../../migrations/kernel/sqlite");
 const KERNEL_POSTGRES: EmbeddedMigrations = embed_migrations!("../../migrations/kernel/postgres");
 
-/// A module's migrations, one set per backend with identical names.
+/// A module's migrations, one set per backend. The two sets mostly mirror each other;
+/// a migration that only one backend needs (PostgreSQL's domains) has no twin.
 #[derive(Clone, Copy)]
 pub struct Migrations {
     pub sqlite: &'static EmbeddedMigrations,

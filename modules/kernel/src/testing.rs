@@ -89,6 +89,19 @@ pub fn postgres_pool(
     Some((test_db, pool))
 }
 
+/// Whether `result` failed because the database refused a value: a check
+/// constraint, or on PostgreSQL a domain's. Any other failure (a type mismatch, a
+/// missing column) is not that.
+pub fn refused_by_a_check<T>(result: &Result<T, diesel::result::Error>) -> bool {
+    matches!(
+        result,
+        Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::CheckViolation,
+            _
+        ))
+    )
+}
+
 /// The statements `conn`'s PostgreSQL session has prepared by name, which it keeps
 /// and runs again (`pg_prepared_statements`), that start with `start`; diesel
 /// leaves a statement it will prepare anew on each run unnamed, and those are not
