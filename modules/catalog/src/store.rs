@@ -342,7 +342,7 @@ pub fn insert_refusal(
 
 #[cfg(test)]
 mod tests {
-    use kernel::testing::{postgres_pool, prepared_statements, refused_by_a_check};
+    use kernel::testing::{postgres_pool, prepared_statements, refused_by_a_check, sqlite_pool};
 
     use super::*;
     use crate::domain::Stock;
@@ -433,8 +433,7 @@ mod tests {
 
     #[test]
     fn a_reserved_line_is_written_with_its_stock_on_sqlite() {
-        let db = kernel::testing::TestDatabase::sqlite();
-        let pool = kernel::testing::migrated_pool(&db, crate::MODULE, crate::SPEC.migrations);
+        let (_db, pool) = sqlite_pool(crate::MODULE, crate::SPEC.migrations);
         reserving_a_line_writes_stock_and_reservation(&mut pool.get().unwrap());
     }
 
@@ -494,8 +493,7 @@ mod tests {
 
     #[test]
     fn values_out_of_bounds_are_refused_on_sqlite() {
-        let db = kernel::testing::TestDatabase::sqlite();
-        let pool = kernel::testing::migrated_pool(&db, crate::MODULE, crate::SPEC.migrations);
+        let (_db, pool) = sqlite_pool(crate::MODULE, crate::SPEC.migrations);
         values_out_of_bounds_are_refused(&mut pool.get().unwrap());
     }
 

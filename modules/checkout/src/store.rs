@@ -526,9 +526,7 @@ pub fn is_unique_violation(e: &diesel::result::Error) -> bool {
 mod tests {
     use contracts::Money;
     use contracts::checkout::{Address, OrderLine};
-    use kernel::testing::{
-        TestDatabase, migrated_pool, postgres_pool, prepared_statements, refused_by_a_check,
-    };
+    use kernel::testing::{postgres_pool, prepared_statements, refused_by_a_check, sqlite_pool};
 
     use super::*;
 
@@ -655,8 +653,7 @@ mod tests {
 
     #[test]
     fn placement_is_written_whole_or_not_at_all_on_sqlite() {
-        let db = TestDatabase::sqlite();
-        let pool = migrated_pool(&db, crate::MODULE, crate::SPEC.migrations);
+        let (_db, pool) = sqlite_pool(crate::MODULE, crate::SPEC.migrations);
         placement_is_written_whole_or_not_at_all(&mut pool.get().unwrap());
     }
 
@@ -711,8 +708,7 @@ mod tests {
 
     #[test]
     fn values_out_of_bounds_are_refused_on_sqlite() {
-        let db = TestDatabase::sqlite();
-        let pool = migrated_pool(&db, crate::MODULE, crate::SPEC.migrations);
+        let (_db, pool) = sqlite_pool(crate::MODULE, crate::SPEC.migrations);
         values_out_of_bounds_are_refused(&mut pool.get().unwrap());
     }
 

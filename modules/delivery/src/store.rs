@@ -198,7 +198,7 @@ pub fn idle_since(
 
 #[cfg(test)]
 mod tests {
-    use kernel::testing::{TestDatabase, migrated_pool, postgres_pool, refused_by_a_check};
+    use kernel::testing::{postgres_pool, refused_by_a_check, sqlite_pool};
 
     use super::*;
 
@@ -243,8 +243,7 @@ mod tests {
 
     #[test]
     fn an_unknown_status_is_refused_on_sqlite() {
-        let db = TestDatabase::sqlite();
-        let pool = migrated_pool(&db, crate::MODULE, crate::SPEC.migrations);
+        let (_db, pool) = sqlite_pool(crate::MODULE, crate::SPEC.migrations);
         an_unknown_status_is_refused(&mut pool.get().unwrap());
     }
 

@@ -74,6 +74,17 @@ pub fn migrated_pool(
     pool
 }
 
+/// A fresh SQLite database with `module`'s tables and a pool on it; keep the
+/// database as long as the pool.
+pub fn sqlite_pool(
+    module: &'static str,
+    migrations: crate::migrate::Migrations,
+) -> (TestDatabase, crate::db::DbPool) {
+    let test_db = TestDatabase::sqlite();
+    let pool = migrated_pool(&test_db, module, migrations);
+    (test_db, pool)
+}
+
 /// A fresh PostgreSQL database with `module`'s tables and a pool on it, or `None`
 /// (saying so) when `COLONY_TEST_DATABASE_URL` is unset; keep the database as long
 /// as the pool.
