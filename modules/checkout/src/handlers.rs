@@ -29,14 +29,31 @@ pub struct DeliveryEvents {
 /// Applies `transition` to the order; a transition that does not apply (a
 /// redelivery, a step already taken) changes nothing. With `payments`, the
 /// transition makes a payment step due, which this process claims and takes.
+/// Returns the order as written and its new state.
+///
+/// `usual` is the state such an event almost always finds the order in: from
+/// there the step is one conditional statement. Anywhere else, the order is read
+/// under its lock and the transition decides.
 fn advance(
     conn: &mut AnyConnection,
     event: &Envelope,
     order_id: Uuid,
-    transition: impl FnOnce(OrderState) -> Option<OrderState>,
+    transition: impl Fn(OrderState) -> Option<OrderState>,
+    usual: Option<OrderState>,
     payments: Option<&Handoff>,
 ) -> Result<Option<(store::OrderRow, OrderState)>, HandlerError> {
     let id = order_id.to_string();
+    let now = kernel::time::now();
+    if let Some((usual, next)) = usual.and_then(|usual| Some((usual, transition(usual)?))) {
+        let lease = payments.and_then(|payments| payments.lease_until(now));
+        let due = payments.map(|_| lease.unwrap_or(now));
+        if let Some(order) = store::transition_if(conn, &id, usual, next, due, now)? {
+            if let (Some(payments), Some(_)) = (payments, lease) {
+                payments.hand_over(order.clone());
+            }
+            return Ok(Some((order, next)));
+        }
+    }
     let Some(order) = store::lock(conn, &id)? else {
         return Err(HandlerError::Permanent(format!(
             "{} names unknown order {id}",
@@ -46,13 +63,19 @@ fn advance(
     let Some(next) = transition(order.state()) else {
         return Ok(None);
     };
-    let now = kernel::time::now();
     let due = match payments {
         Some(payments) => Some(payments.claim(order.clone().with_state(next, None, now), now)),
         None => order.payment_due_at,
     };
     store::save_state(conn, &id, next, due, now)?;
-    Ok(Some((order, next)))
+    Ok(Some((order.with_state(next, due, now), next)))
+}
+
+/// Where an order is once confirmed and before delivery's first news of it.
+fn confirmed() -> Option<OrderState> {
+    OrderState::placed()
+        .stock_reserved()
+        .and_then(OrderState::charged)
 }
 
 impl EventHandler for CatalogEvents {
@@ -64,6 +87,7 @@ impl EventHandler for CatalogEvents {
                 event,
                 reserved?.order_id,
                 OrderState::stock_reserved,
+                Some(OrderState::placed()),
                 Some(&self.payments),
             )?;
             return Ok(());
@@ -75,6 +99,7 @@ impl EventHandler for CatalogEvents {
                 event,
                 refused.order_id,
                 OrderState::stock_refused,
+                Some(OrderState::placed()),
                 None,
             )? {
                 let rejected = OrderRejected {
@@ -100,6 +125,7 @@ impl EventHandler for DeliveryEvents {
                 event,
                 created?.order_id,
                 OrderState::shipment_created,
+                confirmed(),
                 None,
             )?;
         } else if let Some(dispatched) = event.decode::<ShipmentDispatched>() {
@@ -108,13 +134,21 @@ impl EventHandler for DeliveryEvents {
                 event,
                 dispatched?.order_id,
                 OrderState::dispatched,
+                confirmed().and_then(OrderState::shipment_created),
                 None,
             )?;
         } else if let Some(delivered) = event.decode::<ShipmentDelivered>() {
             let delivered = delivered?;
-            if let Some((order, _)) =
-                advance(conn, event, delivered.order_id, OrderState::delivered, None)?
-            {
+            if let Some((order, _)) = advance(
+                conn,
+                event,
+                delivered.order_id,
+                OrderState::delivered,
+                confirmed()
+                    .and_then(OrderState::shipment_created)
+                    .and_then(OrderState::dispatched),
+                None,
+            )? {
                 let fulfilled = OrderFulfilled {
                     order_id: delivered.order_id,
                     customer_id: order.customer_id.clone(),
@@ -128,6 +162,7 @@ impl EventHandler for DeliveryEvents {
                 event,
                 cancelled?.order_id,
                 OrderState::shipment_cancelled,
+                None,
                 Some(&self.payments),
             )?;
         } else if let Some(refused) = event.decode::<CancellationRefused>() {
@@ -136,6 +171,7 @@ impl EventHandler for DeliveryEvents {
                 event,
                 refused?.order_id,
                 OrderState::cancellation_refused,
+                None,
                 None,
             )?;
         }

@@ -534,24 +534,31 @@ impl Handoff {
     /// handed to the worker after the commit. Outside a transaction, or with the
     /// worker gone, it is due now, for whichever worker looks first.
     pub fn claim(&self, order: store::OrderRow, now: NaiveDateTime) -> NaiveDateTime {
-        if self.steps.is_closed() {
+        let Some(until) = self.lease_until(now) else {
             return now;
-        }
-        let until = now + self.lease;
-        let order = store::OrderRow {
+        };
+        self.hand_over(store::OrderRow {
             payment_due_at: Some(until),
             ..order
-        };
+        });
+        until
+    }
+
+    /// `claim` in two steps, for a transaction that writes the step before it has
+    /// the row: until when this process would claim a step made due now (`None`:
+    /// it would not, and the step is due now), then the row as written with it.
+    pub fn lease_until(&self, now: NaiveDateTime) -> Option<NaiveDateTime> {
+        (!self.steps.is_closed() && kernel::db::in_write_tx()).then(|| now + self.lease)
+    }
+
+    /// After the commit, gives the worker `order`, whose step was stored with the
+    /// time `lease_until` gave. Should the worker stop before it takes the step,
+    /// the claim runs out and a worker finds the step due then.
+    pub fn hand_over(&self, order: store::OrderRow) {
         let steps = self.steps.clone();
-        // Should the worker stop before it takes the step, the claim runs out and
-        // a worker finds the step due then.
-        if kernel::db::after_commit(move || {
+        kernel::db::after_commit(move || {
             let _ = steps.send(order);
-        }) {
-            until
-        } else {
-            now
-        }
+        });
     }
 }
 
@@ -764,6 +771,7 @@ fn record(
         .map(|order| (order.id.clone(), order))
         .collect();
     let mut settled = Vec::new();
+    let mut writes = Vec::new();
     for (claimed, answer) in answers {
         let Some(order) = locked.remove(&claimed.id) else {
             continue;
@@ -785,13 +793,14 @@ fn record(
         };
         let Some(next) = next else {
             // Settled meanwhile, or nothing was due: stop asking.
-            store::save_state(conn, &order.id, state, None, now)?;
+            writes.push((order.id, state));
             continue;
         };
-        store::save_state(conn, &order.id, next, None, now)?;
+        writes.push((order.id.clone(), next));
         tracing::info!(order.id = %order.id, status = next.status.as_str(), "payment step recorded");
         settled.push((order, next));
     }
+    store::save_settled(conn, &writes, now)?;
     let confirmed: Vec<String> = settled
         .iter()
         .filter(|(_, next)| next.status == crate::domain::Status::Confirmed)

@@ -718,6 +718,12 @@ pub fn after_commit(hook: impl FnOnce() + 'static) -> bool {
     })
 }
 
+/// Whether a `write_tx` is in progress on this thread (so that `after_commit`
+/// would register its hook).
+pub fn in_write_tx() -> bool {
+    AFTER_COMMIT.with(|hooks| hooks.borrow().is_some())
+}
+
 /// A mark in this thread's commit hooks, for a savepoint: hooks registered after
 /// it are dropped by `forget_after_commit(mark)` when the savepoint rolls back.
 pub fn after_commit_mark() -> usize {
