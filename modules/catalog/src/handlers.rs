@@ -17,9 +17,7 @@ use uuid::Uuid;
 
 use crate::MODULE;
 use crate::domain::{self, Offer, ProductId, Stock};
-use crate::store::{self, ReservationRow};
-
-const RESERVED: &str = "reserved";
+use crate::store::{self, RESERVED, ReservationRow};
 
 /// Checkout's order events.
 pub struct CheckoutEvents;
@@ -75,13 +73,38 @@ fn reserve_order(
     order: &OrderPlaced,
 ) -> Result<(), HandlerError> {
     let order_id = order.order_id.to_string();
-    if store::decided(conn, &order_id)? {
-        return Ok(());
-    }
     // Sorted, so concurrent reservations lock products in the same order.
     let mut wanted: BTreeMap<Uuid, i64> = BTreeMap::new();
     for line in &order.lines {
         *wanted.entry(line.product_id).or_default() += line.quantity;
+    }
+    let reserved = StockReserved {
+        order_id: order.order_id,
+        lines: wanted
+            .iter()
+            .map(|(product_id, quantity)| ReservedLine {
+                product_id: *product_id,
+                quantity: *quantity,
+            })
+            .collect(),
+    };
+    let now = kernel::time::now();
+    // The usual order, one product in stock, is one conditional statement; the
+    // rest (several products, too few units, a redelivery) is read under lock
+    // and decided by `domain::reserve`.
+    if let [(product_id, quantity)] = wanted.iter().collect::<Vec<_>>()[..] {
+        let product_id = product_id.to_string();
+        if let Some(stock) =
+            store::reserve_if_available(conn, &order_id, &product_id, *quantity, now)?
+        {
+            publish_stock(conn, publisher, &product_id, stock)?;
+            publisher.publish(conn, &order_id, &reserved)?;
+            tracing::info!(order.id = %order_id, "stock reserved");
+            return Ok(());
+        }
+    }
+    if store::decided(conn, &order_id)? {
+        return Ok(());
     }
     let mut lines = Vec::with_capacity(wanted.len());
     for (product_id, quantity) in &wanted {
@@ -92,7 +115,6 @@ fn reserve_order(
         });
         lines.push((ProductId(*product_id), *quantity, offer));
     }
-    let now = kernel::time::now();
     match domain::reserve(&lines) {
         Ok(planned) => {
             for ((id, stock), (_, quantity, _)) in planned.iter().zip(&lines) {
@@ -111,16 +133,6 @@ fn reserve_order(
                 )?;
                 publish_stock(conn, publisher, &product_id, *stock)?;
             }
-            let reserved = StockReserved {
-                order_id: order.order_id,
-                lines: wanted
-                    .iter()
-                    .map(|(product_id, quantity)| ReservedLine {
-                        product_id: *product_id,
-                        quantity: *quantity,
-                    })
-                    .collect(),
-            };
             publisher.publish(conn, &order_id, &reserved)?;
             tracing::info!(order.id = %order_id, "stock reserved");
         }

@@ -8,6 +8,7 @@ use diesel::prelude::*;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::serialize::ToSql;
 use diesel::sql_types::{BigInt, HasSqlType, Text, Timestamp};
+use diesel::sqlite::Sqlite;
 use kernel::AnyConnection;
 
 use crate::schema::products;
@@ -272,6 +273,128 @@ impl QueryFragment<Pg> for ReserveLinePg<'_> {
     }
 }
 
+/// Reserves `quantity` units of one product for an order, if the order is not
+/// decided yet (`decided`) and the product is listed with that many units
+/// available (`domain::reserve`'s rule for one line): its stock and the
+/// reservation line. Returns the new stock, or `None` when any of that does not
+/// hold, and then nothing is written. On PostgreSQL one statement, prepared once
+/// per connection; the product's row lock is the UPDATE's own, and the condition
+/// is checked against the row's latest version.
+pub fn reserve_if_available(
+    conn: &mut AnyConnection,
+    order_id: &str,
+    product_id: &str,
+    quantity: i64,
+    now: NaiveDateTime,
+) -> QueryResult<Option<crate::domain::Stock>> {
+    let reserve = ReserveIfAvailable {
+        order_id,
+        product_id,
+        quantity,
+        now,
+        decided: Decided { order_id },
+    };
+    let stock: Option<(i64, i64)> = match conn {
+        AnyConnection::Postgresql(c) => reserve.get_result(c).optional()?,
+        AnyConnection::Sqlite(c) => {
+            let stock = reserve.get_result(c).optional()?;
+            if stock.is_some() {
+                diesel::insert_into(crate::schema::reservations::table)
+                    .values(&ReservationRow {
+                        order_id: order_id.into(),
+                        product_id: product_id.into(),
+                        quantity,
+                        status: RESERVED.into(),
+                        created_at: now,
+                        updated_at: now,
+                    })
+                    .execute(c)?;
+            }
+            stock
+        }
+    };
+    Ok(stock.map(|(on_hand, reserved)| crate::domain::Stock { on_hand, reserved }))
+}
+
+/// The status of a reservation line that holds its units.
+pub const RESERVED: &str = "reserved";
+
+/// `reserve_if_available`'s statement: on SQLite the stock's UPDATE alone (it has
+/// no writing CTEs), on PostgreSQL with the line's INSERT.
+struct ReserveIfAvailable<'a> {
+    order_id: &'a str,
+    product_id: &'a str,
+    quantity: i64,
+    now: NaiveDateTime,
+    decided: Decided<'a>,
+}
+
+impl QueryId for ReserveIfAvailable<'_> {
+    type QueryId = ReserveIfAvailable<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl Query for ReserveIfAvailable<'_> {
+    type SqlType = (BigInt, BigInt);
+}
+
+impl<C> RunQueryDsl<C> for ReserveIfAvailable<'_> {}
+
+impl ReserveIfAvailable<'_> {
+    fn push_update<'b, DB>(&'b self, mut out: AstPass<'_, 'b, DB>) -> QueryResult<()>
+    where
+        DB: Backend + HasSqlType<Text> + HasSqlType<BigInt> + HasSqlType<Timestamp>,
+        str: ToSql<Text, DB>,
+        i64: ToSql<BigInt, DB>,
+        NaiveDateTime: ToSql<Timestamp, DB>,
+    {
+        out.push_sql("UPDATE products SET reserved = reserved + ");
+        out.push_bind_param::<BigInt, _>(&self.quantity)?;
+        out.push_sql(", updated_at = ");
+        out.push_bind_param::<Timestamp, _>(&self.now)?;
+        out.push_sql(" WHERE id = ");
+        out.push_bind_param::<Text, _>(self.product_id)?;
+        out.push_sql(" AND listed AND ");
+        out.push_bind_param::<BigInt, _>(&self.quantity)?;
+        out.push_sql(" > 0 AND on_hand - reserved >= ");
+        out.push_bind_param::<BigInt, _>(&self.quantity)?;
+        out.push_sql(" AND (");
+        self.decided.walk_ast(out.reborrow())?;
+        out.push_sql(") = 0 RETURNING on_hand, reserved");
+        Ok(())
+    }
+}
+
+impl QueryFragment<Sqlite> for ReserveIfAvailable<'_> {
+    fn walk_ast<'b>(&'b self, out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        self.push_update(out)
+    }
+}
+
+impl QueryFragment<Pg> for ReserveIfAvailable<'_> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql("WITH stocked AS (");
+        self.push_update(out.reborrow())?;
+        out.push_sql(
+            "), line AS (INSERT INTO reservations \
+             (order_id, product_id, quantity, status, created_at, updated_at) SELECT ",
+        );
+        out.push_bind_param::<Text, _>(self.order_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(self.product_id)?;
+        out.push_sql(", ");
+        out.push_bind_param::<BigInt, _>(&self.quantity)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Text, _>(RESERVED)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamp, _>(&self.now)?;
+        out.push_sql(", ");
+        out.push_bind_param::<Timestamp, _>(&self.now)?;
+        out.push_sql(" FROM stocked) SELECT on_hand, reserved FROM stocked");
+        Ok(())
+    }
+}
+
 /// An order's reservation lines in `status`, by product id.
 pub fn reservations(
     conn: &mut AnyConnection,
@@ -514,6 +637,91 @@ mod tests {
         an_order_is_decided_once_reserved_or_refused(&mut conn);
         let looking = prepared_statements(&mut conn, "SELECT count(*) FROM (SELECT order_id");
         assert_eq!(looking.len(), 1, "{looking:?}");
+    }
+
+    /// Given products in several states, when one line is reserved by the one
+    /// statement, then it succeeds exactly where `domain::reserve` would reserve
+    /// that line, with the stock the domain plans, and otherwise writes nothing;
+    /// an order decided already (reserved or refused) is never reserved again.
+    fn one_line_is_reserved_as_the_domain_decides(conn: &mut AnyConnection) {
+        use crate::domain::{self, Offer, ProductId};
+        use crate::schema::{products as p, reservations as r};
+        let now = kernel::time::now();
+        let cases = [
+            (10, 0, true, 1),
+            (10, 9, true, 1),
+            (10, 10, true, 1),
+            (10, 8, true, 3),
+            (10, 0, false, 1),
+            (10, 0, true, 0),
+            (10, 0, true, -1),
+        ];
+        for (n, (on_hand, reserved, listed, quantity)) in cases.into_iter().enumerate() {
+            let sku = format!("case-{n}");
+            let product = format!("product-{sku}");
+            let order = format!("order-{n}");
+            insert_product(conn, &sku, 100, on_hand).unwrap();
+            diesel::update(p::table.find(&product))
+                .set((p::reserved.eq(reserved), p::listed.eq(listed)))
+                .execute(conn)
+                .unwrap();
+            let before = Stock { on_hand, reserved };
+            let id = ProductId(uuid::Uuid::now_v7());
+            let expected = domain::reserve(&[(
+                id,
+                quantity,
+                Some(Offer {
+                    listed,
+                    stock: before,
+                }),
+            )])
+            .ok()
+            .map(|planned| planned[0].1);
+            let got = reserve_if_available(conn, &order, &product, quantity, now).unwrap();
+            assert_eq!(got, expected, "case {n}");
+            let stored = lock(conn, &product).unwrap().unwrap().stock();
+            assert_eq!(stored, got.unwrap_or(before), "case {n}");
+            let lines: Vec<(i64, String)> = r::table
+                .filter(r::order_id.eq(&order))
+                .select((r::quantity, r::status))
+                .load(conn)
+                .unwrap();
+            let line = got.map(|_| (quantity, RESERVED.to_string()));
+            assert_eq!(lines, Vec::from_iter(line), "case {n}");
+        }
+        // Decided orders: order-0 holds a line, order-x was refused.
+        insert_refusal(conn, "order-x", "out_of_stock", now).unwrap();
+        for order in ["order-0", "order-x"] {
+            let got = reserve_if_available(conn, order, "product-case-0", 1, now).unwrap();
+            assert_eq!(got, None, "{order}");
+        }
+        let stored = lock(conn, "product-case-0").unwrap().unwrap().stock();
+        assert_eq!(
+            stored,
+            Stock {
+                on_hand: 10,
+                reserved: 1
+            }
+        );
+    }
+
+    #[test]
+    fn one_line_is_reserved_as_the_domain_decides_on_sqlite() {
+        let (_db, pool) = sqlite_pool(crate::MODULE, crate::SPEC.migrations);
+        one_line_is_reserved_as_the_domain_decides(&mut pool.get().unwrap());
+    }
+
+    /// On PostgreSQL it is one statement, prepared once.
+    #[test]
+    fn one_line_is_reserved_as_the_domain_decides_on_postgres() {
+        let Some((_db, pool)) = postgres_pool(crate::MODULE, crate::SPEC.migrations) else {
+            return;
+        };
+        let mut conn = pool.get().unwrap();
+        one_line_is_reserved_as_the_domain_decides(&mut conn);
+        let reserving =
+            prepared_statements(&mut conn, "WITH stocked AS (UPDATE products SET reserved");
+        assert_eq!(reserving.len(), 1, "{reserving:?}");
     }
 
     /// Whatever the code above it does, the database keeps stock within bounds (no
