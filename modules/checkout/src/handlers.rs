@@ -1,6 +1,7 @@
 //! Checkout's side of the saga: catalog's answer to a placement, and delivery's
 //! news about the shipment.
 
+use chrono::NaiveDateTime;
 use contracts::catalog::{StockReservationRejected, StockReserved};
 use contracts::checkout::{OrderFulfilled, OrderRejected};
 use contracts::delivery::{
@@ -48,10 +49,7 @@ fn advance(
         let lease = payments.and_then(|payments| payments.lease_until(now));
         let due = payments.map(|_| lease.unwrap_or(now));
         if let Some(order) = store::transition_if(conn, &id, usual, next, due, now)? {
-            if let (Some(payments), Some(_)) = (payments, lease) {
-                payments.hand_over(order.clone());
-            }
-            return Ok(Some((order, next)));
+            return Ok(Some((handed(payments, lease, order), next)));
         }
     }
     let Some(order) = store::lock(conn, &id)? else {
@@ -63,12 +61,31 @@ fn advance(
     let Some(next) = transition(order.state()) else {
         return Ok(None);
     };
+    // Taken again: the lock may have waited.
+    let now = kernel::time::now();
+    let lease = payments.and_then(|payments| payments.lease_until(now));
     let due = match payments {
-        Some(payments) => Some(payments.claim(order.clone().with_state(next, None, now), now)),
+        Some(_) => Some(lease.unwrap_or(now)),
         None => order.payment_due_at,
     };
     store::save_state(conn, &id, next, due, now)?;
-    Ok(Some((order.with_state(next, due, now), next)))
+    Ok(Some((
+        handed(payments, lease, order.with_state(next, due, now)),
+        next,
+    )))
+}
+
+/// `order` as written; when this process claimed its payment step (`lease`), the
+/// worker is given it after the commit.
+fn handed(
+    payments: Option<&Handoff>,
+    lease: Option<NaiveDateTime>,
+    order: store::OrderRow,
+) -> store::OrderRow {
+    if let (Some(payments), Some(_)) = (payments, lease) {
+        payments.hand_over(order.clone());
+    }
+    order
 }
 
 /// Where an order is once confirmed and before delivery's first news of it.

@@ -529,24 +529,11 @@ impl Handoff {
         (Self { steps, lease }, handed)
     }
 
-    /// Inside the transaction that makes `order`'s payment step due: the due time to
-    /// store. The step is claimed by this process until its lease runs out and
-    /// handed to the worker after the commit. Outside a transaction, or with the
-    /// worker gone, it is due now, for whichever worker looks first.
-    pub fn claim(&self, order: store::OrderRow, now: NaiveDateTime) -> NaiveDateTime {
-        let Some(until) = self.lease_until(now) else {
-            return now;
-        };
-        self.hand_over(store::OrderRow {
-            payment_due_at: Some(until),
-            ..order
-        });
-        until
-    }
-
-    /// `claim` in two steps, for a transaction that writes the step before it has
-    /// the row: until when this process would claim a step made due now (`None`:
-    /// it would not, and the step is due now), then the row as written with it.
+    /// Inside the transaction that makes an order's payment step due: until when
+    /// this process claims the step, to be stored as its due time; the step is then
+    /// handed to the worker after the commit (`hand_over`, once the row is
+    /// written). `None` outside a transaction, or with the worker gone: the step is
+    /// due now, for whichever worker looks first.
     pub fn lease_until(&self, now: NaiveDateTime) -> Option<NaiveDateTime> {
         (!self.steps.is_closed() && kernel::db::in_write_tx()).then(|| now + self.lease)
     }

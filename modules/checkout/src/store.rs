@@ -354,9 +354,10 @@ pub fn save_state(
     Ok(())
 }
 
-/// The UPDATE of every step an order takes (three an order on the way to its
-/// shipment), written out so that each connection prepares it once: diesel prepares
-/// an UPDATE anew on every run, and the server parses and plans it again.
+/// The UPDATE of an order's step when the step was decided under the row's lock
+/// (`transition_if` adds a condition to it for the usual steps), written out so
+/// that each connection prepares it once: diesel prepares an UPDATE anew on every
+/// run, and the server parses and plans it again.
 struct SaveState<'a> {
     id: &'a str,
     state: OrderState,
@@ -933,8 +934,9 @@ mod tests {
     }
 
     /// Given a placed order, when it is moved on from the state it is in, then one
-    /// statement moves it and returns the row as written; from any other state, or
-    /// unknown, nothing is written.
+    /// statement moves it and returns the row as written; from any other state
+    /// (another status or payment, a pending cancellation, a reason), or unknown,
+    /// nothing is written.
     fn an_order_moves_only_from_the_state_named(conn: &mut AnyConnection) {
         let placed = placement("key-1", 1);
         place_outside_a_transaction(conn, &placed).unwrap();
@@ -977,6 +979,23 @@ mod tests {
         let unknown = transition_if(conn, "no-such-order", reserved, confirmed, None, now);
         assert!(unknown.unwrap().is_none());
         assert_eq!(find(conn, id).unwrap().unwrap().state(), confirmed);
+
+        // A state that differs only in a pending cancellation, or only in a reason,
+        // is another state: nothing moves.
+        let preparing = confirmed.shipment_created().unwrap();
+        let (cancelling, _) = confirmed.request_cancel().unwrap();
+        save_state(conn, id, cancelling, None, now).unwrap();
+        let moved = transition_if(conn, id, confirmed, preparing, None, now).unwrap();
+        assert!(moved.is_none(), "{moved:?}");
+        assert_eq!(find(conn, id).unwrap().unwrap().state(), cancelling);
+        let with_reason = OrderState {
+            reason: Some(crate::domain::OUT_OF_STOCK),
+            ..confirmed
+        };
+        save_state(conn, id, with_reason, None, now).unwrap();
+        let moved = transition_if(conn, id, confirmed, preparing, None, now).unwrap();
+        assert!(moved.is_none(), "{moved:?}");
+        assert_eq!(find(conn, id).unwrap().unwrap().state(), with_reason);
     }
 
     #[test]
@@ -992,7 +1011,11 @@ mod tests {
         };
         let mut conn = pool.get().unwrap();
         an_order_moves_only_from_the_state_named(&mut conn);
-        let moving = prepared_statements(&mut conn, "UPDATE orders SET status");
+        let moving = prepared_statements(
+            &mut conn,
+            "UPDATE orders SET status = $1, reason = $2, payment_state = $3, \
+             payment_due_at = COALESCE",
+        );
         assert_eq!(moving.len(), 1, "one text for every step: {moving:?}");
     }
 
@@ -1003,6 +1026,7 @@ mod tests {
             placement("key-1", 1),
             placement("key-2", 1),
             placement("key-3", 2),
+            placement("key-4", 1),
         ];
         let now = kernel::time::now();
         let due = now + chrono::Duration::seconds(30);
@@ -1015,12 +1039,20 @@ mod tests {
         let confirmed = reserved.charged().unwrap();
         let declined = reserved.declined().unwrap();
         save_settled(conn, &[(id(0), confirmed)], now).unwrap();
-        save_settled(conn, &[(id(1), declined), (id(2), confirmed)], now).unwrap();
-        save_settled(conn, &[], now).unwrap();
-        for (n, state) in [confirmed, declined, confirmed].into_iter().enumerate() {
+        let later = now + chrono::Duration::seconds(1);
+        save_settled(conn, &[(id(1), declined), (id(2), confirmed)], later).unwrap();
+        save_settled(conn, &[], later).unwrap();
+        let expected = [
+            (confirmed, None, now),
+            (declined, None, later),
+            (confirmed, None, later),
+            // Not in a batch: untouched.
+            (reserved, Some(due), now),
+        ];
+        for (n, expected) in expected.into_iter().enumerate() {
             let stored = find(conn, &id(n)).unwrap().unwrap();
-            assert_eq!(stored.state(), state, "order {n}");
-            assert_eq!(stored.payment_due_at, None, "order {n}");
+            let got = (stored.state(), stored.payment_due_at, stored.updated_at);
+            assert_eq!(got, expected, "order {n}");
         }
         assert_eq!(
             find(conn, &id(1)).unwrap().unwrap().reason.as_deref(),
@@ -1046,8 +1078,8 @@ mod tests {
         assert_eq!(writing.len(), 1, "{writing:?}");
     }
 
-    /// On PostgreSQL an order's state is written by one statement that a session
-    /// prepares once and runs again for the next order.
+    /// On PostgreSQL a step decided under the row's lock is written by one
+    /// statement that a session prepares once and runs again for the next order.
     #[test]
     fn order_states_are_written_by_one_prepared_statement() {
         let Some((_db, pool)) = postgres_pool(crate::MODULE, crate::SPEC.migrations) else {
