@@ -250,27 +250,32 @@ impl RunQueryDsl<PgConnection> for ReserveLinePg<'_> {}
 
 impl QueryFragment<Pg> for ReserveLinePg<'_> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        let row = self.row;
         out.push_sql("WITH stocked AS (");
         self.set.walk_ast(out.reborrow())?;
         out.push_sql(
             ") INSERT INTO reservations \
              (order_id, product_id, quantity, status, created_at, updated_at) VALUES (",
         );
-        out.push_bind_param::<Text, _>(&row.order_id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&row.product_id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<BigInt, _>(&row.quantity)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(&row.status)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Timestamp, _>(&row.created_at)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Timestamp, _>(&row.updated_at)?;
+        push_line(self.row, out.reborrow())?;
         out.push_sql(")");
         Ok(())
     }
+}
+
+/// A reservation line's values, in the column order of the INSERTs above and below.
+fn push_line<'b>(row: &'b ReservationRow, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+    out.push_bind_param::<Text, _>(&row.order_id)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Text, _>(&row.product_id)?;
+    out.push_sql(", ");
+    out.push_bind_param::<BigInt, _>(&row.quantity)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Text, _>(&row.status)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Timestamp, _>(&row.created_at)?;
+    out.push_sql(", ");
+    out.push_bind_param::<Timestamp, _>(&row.updated_at)?;
+    Ok(())
 }
 
 /// Reserves `quantity` units of one product for an order, if the order is not
@@ -287,11 +292,16 @@ pub fn reserve_if_available(
     quantity: i64,
     now: NaiveDateTime,
 ) -> QueryResult<Option<crate::domain::Stock>> {
-    let reserve = ReserveIfAvailable {
-        order_id,
-        product_id,
+    let line = ReservationRow {
+        order_id: order_id.into(),
+        product_id: product_id.into(),
         quantity,
-        now,
+        status: RESERVED.into(),
+        created_at: now,
+        updated_at: now,
+    };
+    let reserve = ReserveIfAvailable {
+        line: &line,
         decided: Decided { order_id },
     };
     let stock: Option<(i64, i64)> = match conn {
@@ -300,14 +310,7 @@ pub fn reserve_if_available(
             let stock = reserve.get_result(c).optional()?;
             if stock.is_some() {
                 diesel::insert_into(crate::schema::reservations::table)
-                    .values(&ReservationRow {
-                        order_id: order_id.into(),
-                        product_id: product_id.into(),
-                        quantity,
-                        status: RESERVED.into(),
-                        created_at: now,
-                        updated_at: now,
-                    })
+                    .values(&line)
                     .execute(c)?;
             }
             stock
@@ -322,10 +325,7 @@ pub const RESERVED: &str = "reserved";
 /// `reserve_if_available`'s statement: on SQLite the stock's UPDATE alone (it has
 /// no writing CTEs), on PostgreSQL with the line's INSERT.
 struct ReserveIfAvailable<'a> {
-    order_id: &'a str,
-    product_id: &'a str,
-    quantity: i64,
-    now: NaiveDateTime,
+    line: &'a ReservationRow,
     decided: Decided<'a>,
 }
 
@@ -348,16 +348,17 @@ impl ReserveIfAvailable<'_> {
         i64: ToSql<BigInt, DB>,
         NaiveDateTime: ToSql<Timestamp, DB>,
     {
+        let line = self.line;
         out.push_sql("UPDATE products SET reserved = reserved + ");
-        out.push_bind_param::<BigInt, _>(&self.quantity)?;
+        out.push_bind_param::<BigInt, _>(&line.quantity)?;
         out.push_sql(", updated_at = ");
-        out.push_bind_param::<Timestamp, _>(&self.now)?;
+        out.push_bind_param::<Timestamp, _>(&line.updated_at)?;
         out.push_sql(" WHERE id = ");
-        out.push_bind_param::<Text, _>(self.product_id)?;
+        out.push_bind_param::<Text, _>(&line.product_id)?;
         out.push_sql(" AND listed AND ");
-        out.push_bind_param::<BigInt, _>(&self.quantity)?;
+        out.push_bind_param::<BigInt, _>(&line.quantity)?;
         out.push_sql(" > 0 AND on_hand - reserved >= ");
-        out.push_bind_param::<BigInt, _>(&self.quantity)?;
+        out.push_bind_param::<BigInt, _>(&line.quantity)?;
         out.push_sql(" AND (");
         self.decided.walk_ast(out.reborrow())?;
         out.push_sql(") = 0 RETURNING on_hand, reserved");
@@ -379,17 +380,7 @@ impl QueryFragment<Pg> for ReserveIfAvailable<'_> {
             "), line AS (INSERT INTO reservations \
              (order_id, product_id, quantity, status, created_at, updated_at) SELECT ",
         );
-        out.push_bind_param::<Text, _>(self.order_id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(self.product_id)?;
-        out.push_sql(", ");
-        out.push_bind_param::<BigInt, _>(&self.quantity)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Text, _>(RESERVED)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Timestamp, _>(&self.now)?;
-        out.push_sql(", ");
-        out.push_bind_param::<Timestamp, _>(&self.now)?;
+        push_line(self.line, out.reborrow())?;
         out.push_sql(" FROM stocked) SELECT on_hand, reserved FROM stocked");
         Ok(())
     }
